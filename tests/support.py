@@ -1,0 +1,113 @@
+"""Shared test helpers: a fixed-query hook for the baseline and an in-memory oracle."""
+
+__all__ = ["DATASET_SHA256", "DATASET_BYTES", "ROOT", "fixed_query", "baseline_paths", "baseline_answer", "Oracle", "sha256_file"]
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+from dataclasses import asdict
+
+import audit_log_service as baseline
+
+DATASET_SHA256 = "7e9120858b688cdd6d73c4277a1d8e21c5dae1134b3735538409b914f0dd0d38"
+DATASET_BYTES = 61_024_030
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_COLUMNS = "id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len"
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def fixed_query(query):
+    """Make the baseline's handle_request() answer `query`, by swapping _pick_query (the file is untouched)."""
+    saved = baseline._pick_query
+    baseline._pick_query = lambda: query
+    try:
+        yield
+    finally:
+        baseline._pick_query = saved
+
+
+@contextlib.contextmanager
+def baseline_paths(db_path, payload_path):
+    """Point the baseline module at other files for the duration."""
+    saved = baseline.DB_PATH, baseline.PAYLOAD_FILE
+    baseline.DB_PATH, baseline.PAYLOAD_FILE = db_path, payload_path
+    try:
+        yield
+    finally:
+        baseline.DB_PATH, baseline.PAYLOAD_FILE = saved
+
+
+def baseline_answer(query):
+    """The baseline's own handle_request() for `query`: ('ok', result) or ('raise', exception type)."""
+    with fixed_query(query):
+        try:
+            return "ok", baseline.handle_request()
+        except Exception as exc:  # the type is the observable behaviour being compared
+            return "raise", type(exc)
+
+
+class Oracle:
+    """All rows in the baseline's ORDER BY, read once; pages are answered by filtering and slicing.
+
+    Independent of both implementations: grouping and slicing are plain Python, payloads are
+    decoded from an in-memory copy of the JSONL file.
+    """
+
+    def __init__(self, db_path=None, payload_path=None):
+        db_path = db_path or baseline.DB_PATH
+        payload_path = payload_path or baseline.PAYLOAD_FILE
+        with contextlib.closing(sqlite3.connect(db_path)) as conn:
+            self.rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM audit_events ORDER BY created_at DESC, id DESC"
+            ).fetchall()
+        with open(payload_path, "rb") as f:
+            self.blob = f.read()
+        self.by_actor, self.by_action, self.by_pair = {}, {}, {}
+        for row in self.rows:
+            self.by_actor.setdefault(row[2], []).append(row)
+            self.by_action.setdefault(row[3], []).append(row)
+            self.by_pair.setdefault((row[2], row[3]), []).append(row)
+
+    def matching(self, from_ts, to_ts, actor_id=None, action=None):
+        """Every row the WHERE clause admits, in order (BETWEEN is inclusive)."""
+        if actor_id is None and action is None:
+            group = self.rows
+        elif action is None:
+            group = self.by_actor.get(actor_id, [])
+        elif actor_id is None:
+            group = self.by_action.get(action, [])
+        else:
+            group = self.by_pair.get((actor_id, action), [])
+        return [r for r in group if from_ts <= r[1] <= to_ts]
+
+    def event(self, row):
+        row_id, created_at, actor_id, action, resource_type, resource_id, offset, length = row
+        return {
+            "id": row_id,
+            "created_at": created_at,
+            "actor_id": actor_id,
+            "action": action,
+            "resource_type": resource_type,
+            "resource_id": resource_id,
+            "payload": json.loads(self.blob[offset:offset + length]),
+        }
+
+    def page(self, matched, query):
+        start = (query.page - 1) * query.page_size
+        events = [self.event(r) for r in matched[start:start + query.page_size]]
+        return {"query": asdict(query), "events": events, "count": len(events)}
+
+    def answer(self, query):
+        matched = self.matching(query.from_ts, query.to_ts, query.actor_id, query.action)
+        return self.page(matched, query)
