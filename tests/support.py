@@ -1,6 +1,7 @@
 """Shared test helpers: a fixed-query hook for the baseline and an in-memory oracle."""
 
-__all__ = ["DATASET_SHA256", "DATASET_BYTES", "ROOT", "fixed_query", "baseline_paths", "baseline_answer", "Oracle", "sha256_file"]
+__all__ = ["DATASET_SHA256", "DATASET_BYTES", "ROOT", "fixed_query", "baseline_paths", "baseline_answer", "Oracle",
+           "sha256_file", "DataCopy", "append_event"]
 
 import contextlib
 import hashlib
@@ -111,3 +112,50 @@ class Oracle:
     def answer(self, query):
         matched = self.matching(query.from_ts, query.to_ts, query.actor_id, query.action)
         return self.page(matched, query)
+
+
+class DataCopy:
+    """A private copy of audit.db and payloads.jsonl in a temporary folder, removed on exit."""
+
+    def __init__(self):
+        import shutil
+        import tempfile
+        self._tmp = tempfile.TemporaryDirectory(prefix="audit-test-")
+        self.dir = self._tmp.name
+        self.db = os.path.join(self.dir, "audit.db")
+        self.payloads = os.path.join(self.dir, "payloads.jsonl")
+        shutil.copyfile(os.path.join(ROOT, baseline.DB_PATH), self.db)
+        shutil.copyfile(os.path.join(ROOT, baseline.PAYLOAD_FILE), self.payloads)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._tmp.cleanup()
+        return False
+
+    def baseline(self):
+        """The baseline module pointed at this copy."""
+        return baseline_paths(self.db, self.payloads)
+
+
+def append_event(db_path, payload_path, created_at, actor_id, action, resource_type="ORDER",
+                 resource_id="ORDER-1", payload=None, conn=None):
+    """Commit one new event the way a live writer does: JSONL line first, then the row. Returns its id."""
+    payload = {"note": "live", "n": created_at} if payload is None else payload
+    line = (json.dumps(payload) + "\n").encode("utf-8")
+    with open(payload_path, "ab") as f:
+        offset = f.seek(0, os.SEEK_END)
+        f.write(line)
+    own = conn is None
+    conn = sqlite3.connect(db_path) if own else conn
+    try:
+        with conn:
+            cur = conn.execute(
+                "INSERT INTO audit_events (created_at, actor_id, action, resource_type, resource_id, "
+                "payload_offset, payload_len) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (created_at, actor_id, action, resource_type, resource_id, offset, len(line)))
+        return cur.lastrowid
+    finally:
+        if own:
+            conn.close()

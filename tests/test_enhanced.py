@@ -1,0 +1,232 @@
+"""The enhanced service: index invariants, answers, argument checks, freshness and lifecycle."""
+
+import os
+import random
+import sqlite3
+import unittest
+from contextlib import closing
+
+import audit_log_service as baseline
+import enhanced_audit_log_service as enhanced
+import runner
+from tests.support import DATASET_BYTES, ROOT, DataCopy, Oracle, append_event, baseline_answer
+
+Query = baseline.Query
+
+
+def setUpModule():
+    os.chdir(ROOT)
+    baseline.init()
+
+
+class _WithService(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.oracle = Oracle()
+        cls.service = enhanced.EnhancedAuditLogService()
+        cls.service.init()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.service.close()
+
+
+class IndexInvariants(_WithService):
+    def test_check_passes_on_the_dataset(self):
+        self.service._index._check(payload_size=DATASET_BYTES)
+
+    def test_check_catches_disorder_and_bad_spans(self):
+        rows = list(self.oracle.rows[:50])
+        rows[3], rows[4] = rows[4], rows[3]
+        with self.assertRaises(AssertionError):
+            enhanced._Index(rows)._check()
+        bad = [r[:6] + (DATASET_BYTES, 10) for r in self.oracle.rows[:5]]
+        with self.assertRaises(AssertionError):
+            enhanced._Index(bad)._check(payload_size=DATASET_BYTES)
+
+    def test_compact_columns(self):
+        idx = self.service._index
+        self.assertEqual(idx.n, 50_000)
+        for name in ("ids", "inv_created", "actors", "action_codes", "type_codes", "offsets", "lengths"):
+            self.assertEqual(type(getattr(idx, name)).__name__, "array", name)
+        self.assertEqual(sorted(idx.strings), sorted(["LOGIN", "LOGOUT", "UPDATE", "DELETE", "CREATE", "EXPORT",
+                                                      "ORDER", "USER", "PRODUCT", "INVOICE", "WAREHOUSE"]))
+
+
+class Answers(_WithService):
+    def test_random_queries_match_oracle(self):
+        rng = random.Random(11)
+        rows = self.oracle.rows
+        for i in range(1500):
+            f = rows[rng.randrange(50_000)][1] - rng.choice([0, 0, 1, 86400 * 7])
+            t = rng.choice([f, f + rng.randint(0, 86400 * 10), rows[0][1], f - 1])
+            q = Query(f, t, rng.choice([None, rng.randint(1, 2000), rng.randint(-5, 2005)]),
+                      rng.choice([None, "UPDATE", "LOGIN", "EXPORT", "x"]),
+                      rng.choice([1, 2, rng.randint(1, 40), rng.randint(1, 2000)]), rng.choice([10, 20, 50]))
+            arg = q if i % 2 else dict(q.__dict__)
+            self.assertEqual(self.service.execute(arg), self.oracle.answer(q), q)
+
+    def test_event_field_order(self):
+        q = Query(0, 2 ** 62, None, None, 1, 10)
+        got = self.service.execute(q)
+        self.assertEqual(list(got), ["query", "events", "count"])
+        self.assertEqual(list(got["events"][0]), ["id", "created_at", "actor_id", "action", "resource_type",
+                                                  "resource_id", "payload"])
+        self.assertEqual(got, baseline_answer(q)[1])
+
+    def test_odd_but_valid_queries_match_baseline(self):
+        rows = self.oracle.rows
+        edge = rows[500][1]
+        queries = [
+            Query(rows[0][1], rows[-1][1], None, None, 1, 10),  # from_ts > to_ts
+            Query(edge, edge, None, None, 1, 50),  # both boundaries on an existing created_at
+            Query(rows[-1][1], rows[0][1], 0, None, 1, 10),  # actor outside 1..2000
+            Query(rows[-1][1], rows[0][1], None, "LOGIN", 1, 50),  # an action the picker never draws
+            Query(rows[-1][1], rows[0][1], None, "update", 1, 50),  # case matters
+            Query(rows[-1][1], rows[0][1], None, None, 10 ** 12, 10),  # far past the end
+            Query(rows[-1][1], rows[0][1], None, None, 1000, 50),  # the very last page
+            Query(-(2 ** 63), 2 ** 63 - 1, None, "a\x00b", 1, 10),  # int64 extremes, NUL in action
+            Query(-(2 ** 63), 2 ** 63 - 1, rows[9][2], "é", 1, 10),  # non-ASCII action
+        ]
+        for q in queries:
+            self.assertEqual(("ok", self.service.execute(q)), baseline_answer(q), q)
+
+    def test_bind_errors_match_baseline(self):
+        rows = self.oracle.rows
+        queries = [
+            Query(2 ** 63, 0, None, None, 1, 10),
+            Query(0, -(2 ** 63) - 1, None, None, 1, 10),
+            Query(0, 2 ** 40, 2 ** 64, None, 1, 10),
+            Query(0, 2 ** 40, None, "\ud800", 1, 10),
+            Query(rows[-1][1], rows[0][1], None, None, 2 ** 62, 50),  # OFFSET beyond 64 bits
+            Query(2 ** 63, 0, None, "\ud800", 1, 10),  # two faults: the first bound wins
+        ]
+        for q in queries:
+            kind, exc_type = baseline_answer(q)
+            self.assertEqual(kind, "raise", q)
+            with self.assertRaises(exc_type, msg=q):
+                self.service.execute(q)
+
+    def test_out_of_domain_names_the_field(self):
+        good = dict(from_ts=0, to_ts=10 ** 10, actor_id=None, action=None, page=1, page_size=10)
+        cases = [
+            ("from_ts", 1.5, TypeError), ("from_ts", True, TypeError), ("to_ts", "5", TypeError),
+            ("to_ts", None, TypeError), ("actor_id", False, TypeError), ("actor_id", 3.0, TypeError),
+            ("action", b"UPDATE", TypeError), ("action", ["UPDATE"], TypeError), ("page", 0, ValueError),
+            ("page", -1, ValueError), ("page", 1.0, TypeError), ("page_size", 25, ValueError),
+            ("page_size", True, TypeError), ("page_size", "10", TypeError),
+        ]
+        for field, value, exc_type in cases:
+            for as_query in (False, True):
+                arg = dict(good, **{field: value})
+                arg = Query(**arg) if as_query else arg
+                with self.assertRaises(exc_type, msg=(field, value)) as ctx:
+                    self.service.execute(arg)
+                self.assertIn(field, str(ctx.exception))
+        with self.assertRaisesRegex(TypeError, "page_size"):
+            self.service.execute({k: v for k, v in good.items() if k != "page_size"})
+        with self.assertRaisesRegex(TypeError, "extra"):
+            self.service.execute(dict(good, extra=1))
+        with self.assertRaisesRegex(TypeError, "query"):
+            self.service.execute((0, 1, None, None, 1, 10))
+
+
+class Freshness(unittest.TestCase):
+    """Rows committed before a request starts are visible to it, as they are to the baseline."""
+
+    def _compare(self, data, service, queries):
+        with data.baseline():
+            for q in queries:
+                self.assertEqual(("ok", service.execute(q)), baseline_answer(q), q)
+
+    def _writes_are_seen(self, wal):
+        with DataCopy() as data, enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+            if wal:
+                with closing(sqlite3.connect(data.db)) as conn:
+                    conn.execute("PRAGMA journal_mode=WAL")
+            newest = Oracle(data.db, data.payloads).rows[0][1]
+            whole = Query(0, newest + 10, None, None, 1, 50)
+            self._compare(data, service, [whole])
+            tie_with = newest - 100
+            for created in (newest + 5, newest - 3 * 86400, tie_with, tie_with, newest + 5):
+                new_id = append_event(data.db, data.payloads, created, 4242, "UPDATE")
+                got = service.execute(Query(created, created, 4242, None, 1, 10))
+                self.assertIn(new_id, [e["id"] for e in got["events"]])
+                self._compare(data, service, [whole, Query(created, created, None, None, 1, 10),
+                                              Query(0, newest + 10, 4242, "UPDATE", 1, 10)])
+
+    def test_rollback_journal_writes_are_seen(self):
+        self._writes_are_seen(wal=False)
+
+    def test_wal_writes_are_seen(self):
+        self._writes_are_seen(wal=True)
+
+    def test_update_and_delete_are_seen(self):
+        with DataCopy() as data, enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+            q = Query(0, 2 ** 40, None, None, 1, 20)
+            top = service.execute(q)["events"]
+            with closing(sqlite3.connect(data.db)) as conn, conn:
+                conn.execute("DELETE FROM audit_events WHERE id = ?", (top[0]["id"],))
+                conn.execute("UPDATE audit_events SET action = 'EXPORT' WHERE id = ?", (top[1]["id"],))
+            self._compare(data, service, [q, Query(0, 2 ** 40, None, "EXPORT", 1, 10)])
+
+    def test_no_rebuild_without_a_commit(self):
+        with DataCopy() as data, enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+            first = service._index
+            for _ in range(50):
+                service.execute(Query(0, 2 ** 40, None, None, 1, 10))
+            self.assertIs(service._index, first)
+            append_event(data.db, data.payloads, 5, 1, "UPDATE")
+            service.execute(Query(0, 2 ** 40, None, None, 1, 10))
+            self.assertIsNot(service._index, first)
+
+
+class Lifecycle(unittest.TestCase):
+    def test_close_is_idempotent_and_final_until_init(self):
+        service = enhanced.EnhancedAuditLogService()
+        service.init()
+        service.init()
+        q = Query(0, 2 ** 40, None, None, 1, 10)
+        self.assertEqual(service.execute(q)["count"], 10)
+        service.close()
+        service.close()
+        with self.assertRaises(enhanced.ServiceClosed):
+            service.execute(q)
+        service.init()
+        self.assertEqual(service.execute(q)["count"], 10)
+        service.close()
+
+    def test_lazy_init_and_context_manager_closes_on_error(self):
+        service = enhanced.EnhancedAuditLogService()
+        self.assertEqual(service.execute(Query(0, 2 ** 40, None, None, 1, 10))["count"], 10)
+        service.close()
+        with self.assertRaises(KeyError):
+            with enhanced.EnhancedAuditLogService() as svc:
+                svc.execute(Query(0, 2 ** 40, None, None, 1, 10))
+                raise KeyError("boom")
+        self.assertTrue(svc._closed)
+        self.assertEqual(svc._handles, [])
+
+
+class DropIn(unittest.TestCase):
+    def test_module_level_functions_through_runner(self):
+        enhanced.init()
+        got = enhanced.handle_request()
+        self.assertEqual(set(got), {"query", "events", "count"})
+        metrics, latencies = runner.run(enhanced.handle_request, 5, 200, 4)
+        self.assertEqual((metrics["count"], len(latencies)), (200, 200))
+        self.assertIs(enhanced.Query, baseline.Query)
+
+    def test_fallback_read_path_matches(self):
+        oracle = Oracle()
+        rng = random.Random(5)
+        with enhanced.EnhancedAuditLogService(use_pread=False) as service:
+            self.assertFalse(service._use_pread)
+            for _ in range(200):
+                q = Query(0, 2 ** 40, rng.choice([None, rng.randint(1, 2000)]), rng.choice([None, "CREATE"]),
+                          rng.randint(1, 30), rng.choice([10, 20, 50]))
+                self.assertEqual(service.execute(q), oracle.answer(q), q)
+
+
+if __name__ == "__main__":
+    unittest.main()
