@@ -1,10 +1,16 @@
 """Drop-in audit-log query service: an in-memory keyset index over the baseline's data, same answers."""
 
-__all__ = ["EnhancedAuditLogService", "Query", "init", "execute", "handle_request", "close"]
+__all__ = ["EnhancedAuditLogService", "Query", "ServiceClosed", "init", "execute", "handle_request", "close"]
 
+import base64
+import hashlib
+import hmac
 import json
 import os
+import re
+import secrets
 import sqlite3
+import struct
 import sys
 import threading
 from array import array
@@ -31,6 +37,14 @@ _SELECT_ALL = (
 # SQLite file header: bytes 24..27 are the "file change counter", bumped by every commit in
 # rollback-journal mode; byte 18 is 2 in WAL mode, where the counter is not kept.
 _COUNTER_AT, _COUNTER_LEN, _WAL_BYTE = 24, 4, 18
+
+
+# Cursor: version, created_at, id, filter fingerprint, then a truncated HMAC-SHA256 tag.
+_CURSOR = struct.Struct(">BqqQ")
+_CURSOR_VERSION = 1
+_CURSOR_TAG = 16
+_CURSOR_CHARS = len(base64.urlsafe_b64encode(bytes(_CURSOR.size + _CURSOR_TAG)).rstrip(b"="))
+_CURSOR_ALPHABET = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class ServiceClosed(ValueError):
@@ -73,6 +87,12 @@ def _parse(query):
         echo = dict(zip(_FIELDS, (f, t, actor, action, page, size)))
     else:
         raise TypeError(f"query must be a Query or a dict of its six fields, not {type(query).__name__}")
+    _check_fields(f, t, actor, action, page, size)
+    return f, t, actor, action, page, size, echo
+
+
+def _check_fields(f, t, actor, action, page, size):
+    """The argument checks of _parse, shared with list_after (which has no page: it passes 1)."""
     _int_field("from_ts", f)
     _int_field("to_ts", t)
     _int_field("actor_id", actor, none_ok=True)
@@ -92,7 +112,6 @@ def _parse(query):
         action.encode("utf-8")  # raises UnicodeEncodeError for lone surrogates, as the bind does
     if (page - 1) * size > _INT64_MAX:
         raise OverflowError("page: OFFSET (page-1)*page_size too large to convert to SQLite INTEGER")
-    return f, t, actor, action, page, size, echo
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +220,7 @@ class EnhancedAuditLogService:
     takes no lock. Payloads are still read from disk, one positioned read per returned event.
     """
 
-    def __init__(self, db_path=None, payload_path=None, use_pread=None):
+    def __init__(self, db_path=None, payload_path=None, use_pread=None, cursor_key=None):
         self._db_path = _baseline.DB_PATH if db_path is None else db_path
         self._payload_path = _baseline.PAYLOAD_FILE if payload_path is None else payload_path
         self._use_pread = _HAVE_PREAD if use_pread is None else bool(use_pread and _HAVE_PREAD)
@@ -214,13 +233,15 @@ class EnhancedAuditLogService:
         self._local = threading.local()  # fallback path: this thread's (dev, ino, reader)
         self._handles = []  # every descriptor or file object opened; close() closes them
         self._closed = False
+        # signs list_after() cursors; pass the same key to every worker that must accept them
+        self._cursor_key = secrets.token_bytes(32) if cursor_key is None else bytes(cursor_key)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def init(self):
         """Seed through the baseline when needed, then build the index. Idempotent, thread-safe.
 
-        O(n) after SQLite's ordered scan; about 0.1 s for 50,000 rows.
+        O(n) after SQLite's ordered scan; about 0.3 s for 50,000 rows.
         """
         if self._index is not None:
             return
@@ -271,28 +292,52 @@ class EnhancedAuditLogService:
         """
         from_ts, to_ts, actor_id, action, page, page_size, echo = _parse(query)
         idx = self._fresh_index()
-        inv = idx.inv_created
-        lo = bisect_left(inv, ~to_ts)
-        hi = bisect_right(inv, ~from_ts)
-        skip = (page - 1) * page_size
-        if actor_id is None and action is None:
-            # fast path: unfiltered query, the window itself is the position list
-            start = lo + skip
-            positions = range(start, min(start + page_size, hi))
-        else:
-            if action is None:
-                plist = idx.by_actor.get(actor_id)
-            elif actor_id is None:
-                plist = idx.by_action.get(action)
-            else:
-                plist = idx.by_pair.get((actor_id, action))
-            if plist is None:
-                positions = ()
-            else:
-                start = bisect_left(plist, lo) + skip
-                positions = plist[start:min(start + page_size, bisect_left(plist, hi))]
+        positions, _ = _select(idx, from_ts, to_ts, actor_id, action, (page - 1) * page_size, page_size, 0)
         events = self._events(idx, positions) if len(positions) else []
         return {"query": echo, "events": events, "count": len(events)}
+
+    def list_after(self, from_ts, to_ts, actor_id=None, action=None, page_size=20, cursor=None):
+        """Keyset pagination: the next `page_size` matches strictly after `cursor`, in
+        `created_at DESC, id DESC` order; `cursor=None` starts at the newest match.
+
+        Returns {"events", "count", "next_cursor"}; `next_cursor` is None when nothing is left.
+        Events, payload reads and argument checks are those of `execute`. O(log n + page_size).
+        Raises ValueError for a malformed or tampered cursor, or one issued for other filters.
+        """
+        _check_fields(from_ts, to_ts, actor_id, action, 1, page_size)
+        fingerprint = _filter_fingerprint(from_ts, to_ts, actor_id, action)
+        after = None if cursor is None else self._decode_cursor(cursor, fingerprint)
+        idx = self._fresh_index()
+        floor = 0 if after is None else _position_after(idx, *after)
+        positions, more = _select(idx, from_ts, to_ts, actor_id, action, 0, page_size, floor)
+        events = self._events(idx, positions) if len(positions) else []
+        next_cursor = None
+        if more and events:
+            last = events[-1]
+            next_cursor = self._encode_cursor(last["created_at"], last["id"], fingerprint)
+        return {"events": events, "count": len(events), "next_cursor": next_cursor}
+
+    def _encode_cursor(self, created_at, row_id, fingerprint):
+        body = _CURSOR.pack(_CURSOR_VERSION, created_at, row_id, fingerprint)
+        tag = hmac.new(self._cursor_key, body, hashlib.sha256).digest()[:_CURSOR_TAG]
+        return base64.urlsafe_b64encode(body + tag).rstrip(b"=").decode("ascii")
+
+    def _decode_cursor(self, cursor, fingerprint):
+        if type(cursor) is not str:
+            raise TypeError(f"cursor must be a str or None, not {type(cursor).__name__}")
+        if len(cursor) != _CURSOR_CHARS or not _CURSOR_ALPHABET.fullmatch(cursor):
+            raise ValueError("cursor is malformed: not one this service issued")
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        body, tag = raw[:_CURSOR.size], raw[_CURSOR.size:]
+        expected = hmac.new(self._cursor_key, body, hashlib.sha256).digest()[:_CURSOR_TAG]
+        if not hmac.compare_digest(tag, expected):
+            raise ValueError("cursor is tampered or was issued by another service instance")
+        version, created_at, row_id, issued_for = _CURSOR.unpack(body)
+        if version != _CURSOR_VERSION:
+            raise ValueError(f"cursor version {version} is not supported")
+        if issued_for != fingerprint:
+            raise ValueError("cursor was issued for other filters (window, actor_id, action)")
+        return created_at, row_id
 
     def _events(self, idx, positions):
         """One positioned read and one json.loads per position, during this call. O(k)."""
@@ -446,6 +491,51 @@ class EnhancedAuditLogService:
         fst = os.fstat(f.fileno())
         local.payload = (fst.st_ino, fst.st_dev, partial(_seek_read, f))
         return local.payload[2]
+
+
+def _select(idx, from_ts, to_ts, actor_id, action, skip, size, floor):
+    """Positions of matches number skip..skip+size-1 at or after position `floor`, and whether
+    more matches follow them. O(log n): bisections only."""
+    inv = idx.inv_created
+    lo = bisect_left(inv, ~to_ts)
+    if floor > lo:
+        lo = floor
+    hi = bisect_right(inv, ~from_ts)
+    if actor_id is None and action is None:
+        # fast path: unfiltered query, the window itself is the position list
+        start = lo + skip
+        return range(start, min(start + size, hi)), start + size < hi
+    if action is None:
+        plist = idx.by_actor.get(actor_id)
+    elif actor_id is None:
+        plist = idx.by_action.get(action)
+    else:
+        plist = idx.by_pair.get((actor_id, action))
+    if plist is None:
+        return (), False
+    start = bisect_left(plist, lo) + skip
+    stop = bisect_left(plist, hi)
+    return plist[start:min(start + size, stop)], start + size < stop
+
+
+def _position_after(idx, created_at, row_id):
+    """First position strictly after (created_at, row_id) in created_at DESC, id DESC. O(log n)."""
+    inv, ids = idx.inv_created, idx.ids
+    key = ~created_at
+    lo = bisect_left(inv, key)
+    hi = bisect_right(inv, key)
+    while lo < hi:  # ids descend within a created_at tie
+        mid = (lo + hi) // 2
+        if ids[mid] >= row_id:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _filter_fingerprint(from_ts, to_ts, actor_id, action):
+    text = repr((from_ts, to_ts, actor_id, action)).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big")
 
 
 def _seek_read(f, length, offset):

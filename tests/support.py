@@ -1,7 +1,7 @@
 """Shared test helpers: a fixed-query hook for the baseline and an in-memory oracle."""
 
 __all__ = ["DATASET_SHA256", "DATASET_BYTES", "ROOT", "fixed_query", "baseline_paths", "baseline_answer", "Oracle",
-           "sha256_file", "DataCopy", "append_event"]
+           "sha256_file", "DataCopy", "append_event", "append_events"]
 
 import contextlib
 import hashlib
@@ -139,23 +139,26 @@ class DataCopy:
         return baseline_paths(self.db, self.payloads)
 
 
-def append_event(db_path, payload_path, created_at, actor_id, action, resource_type="ORDER",
-                 resource_id="ORDER-1", payload=None, conn=None):
-    """Commit one new event the way a live writer does: JSONL line first, then the row. Returns its id."""
-    payload = {"note": "live", "n": created_at} if payload is None else payload
-    line = (json.dumps(payload) + "\n").encode("utf-8")
+def append_events(db_path, payload_path, events):
+    """Commit new events the way a live writer does: JSONL lines first, then the rows, in one
+    transaction. `events` holds (created_at, actor_id, action) triples. Returns the new ids."""
+    rows = []
     with open(payload_path, "ab") as f:
         offset = f.seek(0, os.SEEK_END)
-        f.write(line)
-    own = conn is None
-    conn = sqlite3.connect(db_path) if own else conn
-    try:
-        with conn:
-            cur = conn.execute(
+        for created_at, actor_id, action in events:
+            line = (json.dumps({"note": "live", "n": created_at}) + "\n").encode("utf-8")
+            f.write(line)
+            rows.append((created_at, actor_id, action, "ORDER", f"ORDER-{created_at}", offset, len(line)))
+            offset += len(line)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn, conn:
+        ids = []
+        for row in rows:
+            ids.append(conn.execute(
                 "INSERT INTO audit_events (created_at, actor_id, action, resource_type, resource_id, "
-                "payload_offset, payload_len) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (created_at, actor_id, action, resource_type, resource_id, offset, len(line)))
-        return cur.lastrowid
-    finally:
-        if own:
-            conn.close()
+                "payload_offset, payload_len) VALUES (?, ?, ?, ?, ?, ?, ?)", row).lastrowid)
+    return ids
+
+
+def append_event(db_path, payload_path, created_at, actor_id, action):
+    """One new event, committed on its own. Returns its id."""
+    return append_events(db_path, payload_path, [(created_at, actor_id, action)])[0]
