@@ -50,6 +50,94 @@ _CURSOR_CHARS = len(base64.urlsafe_b64encode(bytes(_CURSOR.size + _CURSOR_TAG)).
 _CURSOR_ALPHABET = re.compile(r"[A-Za-z0-9_-]+")
 
 
+# --------------------------------------------------------------------------------------------
+# Hot-path file access. Under thread contention every call that releases the GIL (os.pread,
+# os.stat) lets another thread run until it, too, blocks, so a request with k events waits k
+# times. libc's pread and stat called through ctypes.PyDLL keep the GIL for the ~2 us the call
+# takes (a page-cache hit), so a request runs start to end without waiting. Where that libc is
+# not there (Windows, odd builds) the os module's calls do the same job.
+
+
+class _OsIO:
+    """pread and file identity through the os module (these release the GIL)."""
+
+    name = "os"
+
+    def __init__(self):
+        self.pread = os.pread if _HAVE_PREAD else None
+
+    @staticmethod
+    def file_id(path):
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+
+class _LibcIO:
+    """pread and stat from libc through ctypes.PyDLL, which keeps the GIL during the call."""
+
+    name = "libc"
+
+    def __init__(self):
+        import ctypes
+        libc = ctypes.PyDLL(None, use_errno=True)
+        c_pread = getattr(libc, "pread64", None) or libc.pread
+        c_pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
+        c_pread.restype = ctypes.c_ssize_t
+        c_stat = libc.stat
+        c_stat.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+        c_stat.restype = ctypes.c_int
+        new_buffer, string_at, get_errno = ctypes.create_string_buffer, ctypes.string_at, ctypes.get_errno
+
+        def pread(fd, length, offset):
+            if length < 0 or offset < 0:
+                raise OSError(22, os.strerror(22))  # EINVAL, as os.pread; never a negative size_t
+            buf = new_buffer(length)  # per call: another thread may run between our two C calls
+            got = c_pread(fd, buf, length, offset)
+            if got < 0:
+                raise OSError(get_errno(), os.strerror(get_errno()))
+            return string_at(buf, got)
+
+        # where st_dev and st_ino sit in this platform's struct stat: found by comparing with
+        # os.stat on a directory we know, so no layout is hard-coded
+        probe = os.path.dirname(os.path.abspath(__file__)).encode()
+        buf = new_buffer(1024)
+        if c_stat(probe, buf) != 0:
+            raise OSError(get_errno(), "stat probe failed")
+        st = os.stat(probe)
+        raw = buf.raw
+        at_dev = raw.find(struct.pack("=Q", st.st_dev))
+        at_ino = raw.find(struct.pack("=Q", st.st_ino))
+        if at_dev < 0 or at_ino < 0 or at_dev == at_ino:
+            raise OSError("struct stat layout not recognised")
+        lo, hi = min(at_dev, at_ino), max(at_dev, at_ino) + 8
+
+        def file_id(path):
+            encoded = os.fsencode(path)
+            buf = new_buffer(1024)
+            if c_stat(encoded, buf) != 0:
+                err = get_errno()
+                raise OSError(err, os.strerror(err), path)
+            return string_at(buf, hi)[lo:]
+
+        self.pread, self.file_id = pread, file_id
+
+
+def _choose_io(kind):
+    """'auto' (libc where it works, else os), 'libc', 'os', or 'seek' (no pread: the Windows path)."""
+    if kind not in ("auto", "libc", "os", "seek"):
+        raise ValueError(f"io must be 'auto', 'libc', 'os' or 'seek', got {kind!r}")
+    if kind in ("auto", "libc") and _HAVE_PREAD:
+        try:
+            return _LibcIO()
+        except (ImportError, OSError, AttributeError):
+            if kind == "libc":
+                raise
+    io = _OsIO()
+    if kind == "seek":
+        io.pread, io.name = None, "seek"
+    return io
+
+
 class ServiceClosed(ValueError):
     """The service was closed; call init() to open it again."""
 
@@ -159,7 +247,7 @@ class _Index:
     actor_id, by action code, and by `actor_id * _PAIR + action code`.
     """
 
-    __slots__ = ("ticket", "stamp", "wal", "db_fd", "dev", "ino", "n", "ids", "inv_created",
+    __slots__ = ("ticket", "stamp", "wal", "db_fd", "fid", "n", "ids", "inv_created",
                  "actors", "action_codes", "type_codes", "strings", "code_of", "rid_text", "rid_starts",
                  "offsets", "lengths", "odd", "by_actor", "by_action", "by_pair")
 
@@ -241,17 +329,18 @@ class EnhancedAuditLogService:
     takes no lock. Payloads are still read from disk, one positioned read per returned event.
     """
 
-    def __init__(self, db_path=None, payload_path=None, use_pread=None, cursor_key=None):
+    def __init__(self, db_path=None, payload_path=None, io="auto", cursor_key=None):
+        """`io`: "auto" (libc where it works, else os), "libc", "os", or "seek" (the no-pread path)."""
         self._db_path = _baseline.DB_PATH if db_path is None else db_path
         self._payload_path = _baseline.PAYLOAD_FILE if payload_path is None else payload_path
-        self._use_pread = _HAVE_PREAD if use_pread is None else bool(use_pread and _HAVE_PREAD)
+        self._io = _choose_io(io)
         self._index = None  # current _Index; replaced whole, never mutated
         self._tickets = count(1)  # orders change detections against index builds
         self._lock = threading.Lock()  # protects: building/publishing _index, _payload, _handles, _closed
         self._wal_lock = threading.Lock()  # protects: _wal_conn (one connection shared by threads)
         self._wal_conn = None
-        self._payload = None  # (dev, ino, reader) for the shared descriptor, replaced whole
-        self._local = threading.local()  # fallback path: this thread's (dev, ino, reader)
+        self._payload = None  # (file id, reader) for the shared descriptor, replaced whole
+        self._local = threading.local()  # 'seek' path: this thread's (file id, reader)
         self._handles = []  # every descriptor or file object opened; close() closes them
         self._closed = False
         # signs list_after() cursors; pass the same key to every worker that must accept them
@@ -391,20 +480,21 @@ class EnhancedAuditLogService:
         """The index, rebuilt first if the database changed since it was built.
 
         Exact and cheap: one stat() to see the file the baseline would open, then the 4-byte change
-        counter (rollback journal) or PRAGMA data_version (WAL).
+        counter (rollback journal) or PRAGMA data_version (WAL). With libc I/O neither releases the GIL.
         """
         idx = self._index
         if idx is None:
             return self._lazy_init()
+        io = self._io
         try:
-            st = os.stat(self._db_path)
+            fid = io.file_id(self._db_path)
         except OSError as exc:
             raise _missing_db(self._db_path, exc) from exc
-        if st.st_ino == idx.ino and st.st_dev == idx.dev:
+        if fid == idx.fid:
             if idx.wal:
                 stamp = self._wal_version()
             else:
-                stamp = os.pread(idx.db_fd, _COUNTER_LEN, _COUNTER_AT)
+                stamp = io.pread(idx.db_fd, _COUNTER_LEN, _COUNTER_AT)
             if stamp == idx.stamp:
                 return idx
         return self._rebuild(next(self._tickets))
@@ -441,19 +531,11 @@ class EnhancedAuditLogService:
             return new
 
     def _build(self, ticket, previous):
-        try:
-            st = os.stat(self._db_path)
-        except OSError as exc:
-            raise _missing_db(self._db_path, exc) from exc
-        if previous is not None and (previous.dev, previous.ino) == (st.st_dev, st.st_ino):
-            fd = previous.db_fd
-        else:
-            fd = os.open(self._db_path, os.O_RDONLY | _O_BINARY)
-            self._handles.append(fd)
+        fid, fd = self._open_same(self._db_path, None if previous is None else (previous.fid, previous.db_fd))
         header = _read_at(fd, 100, 0)
-        # without os.pread (Windows) the shared descriptor has no thread-safe positioned read, so
-        # the change check goes through PRAGMA data_version, as in WAL mode
-        wal = not _HAVE_PREAD or (len(header) > _WAL_BYTE and header[_WAL_BYTE] == 2)
+        # without pread the shared descriptor has no thread-safe positioned read, so the change
+        # check goes through PRAGMA data_version, as in WAL mode
+        wal = self._io.pread is None or (len(header) > _WAL_BYTE and header[_WAL_BYTE] == 2)
         if wal:
             with self._wal_lock:
                 if self._wal_conn is None:
@@ -465,9 +547,26 @@ class EnhancedAuditLogService:
                 idx, stamp = self._snapshot(conn, fd, wal)
             finally:
                 conn.close()
-        fst = os.fstat(fd)
-        idx.ticket, idx.stamp, idx.wal, idx.db_fd, idx.dev, idx.ino = ticket, stamp, wal, fd, fst.st_dev, fst.st_ino
+        idx.ticket, idx.stamp, idx.wal, idx.db_fd, idx.fid = ticket, stamp, wal, fd, fid
         return idx
+
+    def _open_same(self, path, current):
+        """(file id, descriptor) for the file now at `path`, reusing `current` if it is that file.
+
+        The id is read before and after opening, so the descriptor is known to be that file.
+        """
+        for _ in range(10):
+            try:
+                before = self._io.file_id(path)
+            except OSError as exc:
+                raise _missing_db(path, exc) if path == self._db_path else exc
+            if current is not None and current[0] == before:
+                return current
+            fd = os.open(path, os.O_RDONLY | _O_BINARY)
+            self._handles.append(fd)  # an old descriptor may still be in use: closed by close()
+            if self._io.file_id(path) == before:
+                return before, fd
+        raise OSError(f"{path} keeps being replaced")
 
     @staticmethod
     def _snapshot(conn, fd, wal):
@@ -487,31 +586,25 @@ class EnhancedAuditLogService:
     # -- payload file --------------------------------------------------------------------------
 
     def _payload_reader(self):
-        """A `read(length, offset)` on the file now at the payload path (stat: as the baseline's open)."""
-        st = os.stat(self._payload_path)
-        if self._use_pread:
+        """A `read(length, offset)` on the file now at the payload path, as the baseline's open() sees it."""
+        io = self._io
+        fid = io.file_id(self._payload_path)  # FileNotFoundError, like the baseline's open()
+        if io.pread is not None:
             cur = self._payload
-            if cur is not None and cur[0] == st.st_ino and cur[1] == st.st_dev:
-                return cur[2]
+            if cur is not None and cur[0] == fid:
+                return cur[1]
             with self._lock:
-                cur = self._payload
-                if cur is not None and cur[0] == st.st_ino and cur[1] == st.st_dev:
-                    return cur[2]
-                fd = os.open(self._payload_path, os.O_RDONLY | _O_BINARY)
-                self._handles.append(fd)  # an old descriptor may still be in use: closed at close()
-                fst = os.fstat(fd)
-                self._payload = (fst.st_ino, fst.st_dev, partial(os.pread, fd))
-                return self._payload[2]
-        local = self._local
-        cur = getattr(local, "payload", None)
-        if cur is not None and cur[0] == st.st_ino and cur[1] == st.st_dev:
-            return cur[2]
+                fid, fd = self._open_same(self._payload_path, None)
+                self._payload = (fid, partial(io.pread, fd))
+                return self._payload[1]
+        cur = getattr(self._local, "payload", None)
+        if cur is not None and cur[0] == fid:
+            return cur[1]
         f = open(self._payload_path, "rb")
         with self._lock:
             self._handles.append(f)
-        fst = os.fstat(f.fileno())
-        local.payload = (fst.st_ino, fst.st_dev, partial(_seek_read, f))
-        return local.payload[2]
+        self._local.payload = (fid, partial(_seek_read, f))
+        return self._local.payload[1]
 
 
 def _select(idx, from_ts, to_ts, actor_id, action, skip, size, floor):

@@ -217,15 +217,35 @@ class DropIn(unittest.TestCase):
         self.assertEqual((metrics["count"], len(latencies)), (200, 200))
         self.assertIs(enhanced.Query, baseline.Query)
 
-    def test_fallback_read_path_matches(self):
+    def test_every_io_path_matches(self):
         oracle = Oracle()
-        rng = random.Random(5)
-        with enhanced.EnhancedAuditLogService(use_pread=False) as service:
-            self.assertFalse(service._use_pread)
-            for _ in range(200):
-                q = Query(0, 2 ** 40, rng.choice([None, rng.randint(1, 2000)]), rng.choice([None, "CREATE"]),
-                          rng.randint(1, 30), rng.choice([10, 20, 50]))
-                self.assertEqual(service.execute(q), oracle.answer(q), q)
+        for kind in ("libc", "os", "seek"):
+            rng = random.Random(5)
+            with enhanced.EnhancedAuditLogService(io=kind) as service:
+                self.assertEqual(service._io.name, kind)
+                for _ in range(200):
+                    q = Query(0, 2 ** 40, rng.choice([None, rng.randint(1, 2000)]), rng.choice([None, "CREATE"]),
+                              rng.randint(1, 30), rng.choice([10, 20, 50]))
+                    self.assertEqual(service.execute(q), oracle.answer(q), (kind, q))
+        with self.assertRaisesRegex(ValueError, "io"):
+            enhanced.EnhancedAuditLogService(io="mmap")
+
+    def test_libc_io_agrees_with_os(self):
+        libc, osio = enhanced._choose_io("libc"), enhanced._choose_io("os")
+        fd = os.open(baseline.PAYLOAD_FILE, os.O_RDONLY)
+        try:
+            for offset, length in ((0, 100), (61_024_000, 100), (10 ** 9, 5), (5, 0)):
+                self.assertEqual(libc.pread(fd, length, offset), os.pread(fd, length, offset))
+            for bad in ((-1, 10), (0, -1)):
+                with self.assertRaises(OSError):
+                    libc.pread(fd, bad[1], bad[0])
+        finally:
+            os.close(fd)
+        self.assertEqual(libc.file_id(baseline.DB_PATH), libc.file_id(os.path.abspath(baseline.DB_PATH)))
+        self.assertNotEqual(libc.file_id(baseline.DB_PATH), libc.file_id(baseline.PAYLOAD_FILE))
+        for io in (libc, osio):
+            with self.assertRaises(FileNotFoundError):
+                io.file_id("no-such-file")
 
 
 if __name__ == "__main__":
