@@ -310,8 +310,8 @@ def _int_array(values):
 
 def _missing_db(path, exc):
     # The baseline's sqlite3.connect() would create an empty file and then fail on the missing
-    # table; we raise the same type without creating anything.
-    return sqlite3.OperationalError(f"unable to open database file {path!r}: {exc.strerror}")
+    # table (or fail to open a directory); we raise the same type without creating anything.
+    return sqlite3.OperationalError(f"unable to open database file {path!r}: {exc.strerror or exc}")
 
 
 def _read_like_baseline(path, offset, length):
@@ -532,7 +532,10 @@ class EnhancedAuditLogService:
 
     def _build(self, ticket, previous):
         fid, fd = self._open_same(self._db_path, None if previous is None else (previous.fid, previous.db_fd))
-        header = _read_at(fd, 100, 0)
+        try:
+            header = _read_at(fd, 100, 0)
+        except OSError as exc:  # a directory, say: SQLite would fail to open it
+            raise _missing_db(self._db_path, exc) from exc
         # without pread the shared descriptor has no thread-safe positioned read, so the change
         # check goes through PRAGMA data_version, as in WAL mode
         wal = self._io.pread is None or (len(header) > _WAL_BYTE and header[_WAL_BYTE] == 2)
@@ -562,7 +565,10 @@ class EnhancedAuditLogService:
                 raise _missing_db(path, exc) if path == self._db_path else exc
             if current is not None and current[0] == before:
                 return current
-            fd = os.open(path, os.O_RDONLY | _O_BINARY)
+            try:
+                fd = os.open(path, os.O_RDONLY | _O_BINARY)
+            except OSError as exc:
+                raise _missing_db(path, exc) if path == self._db_path else exc
             self._handles.append(fd)  # an old descriptor may still be in use: closed by close()
             if self._io.file_id(path) == before:
                 return before, fd

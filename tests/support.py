@@ -1,7 +1,7 @@
 """Shared test helpers: a fixed-query hook for the baseline and an in-memory oracle."""
 
-__all__ = ["DATASET_SHA256", "DATASET_BYTES", "ROOT", "fixed_query", "baseline_paths", "baseline_answer", "Oracle",
-           "sha256_file", "DataCopy", "append_event", "append_events"]
+__all__ = ["DATASET_SHA256", "DATASET_BYTES", "ROOT", "SCALE", "fixed_query", "baseline_paths", "baseline_answer", "Oracle",
+           "sha256_file", "DataCopy", "append_event", "append_events", "outcome"]
 
 import contextlib
 import hashlib
@@ -15,6 +15,8 @@ import audit_log_service as baseline
 DATASET_SHA256 = "7e9120858b688cdd6d73c4277a1d8e21c5dae1134b3735538409b914f0dd0d38"
 DATASET_BYTES = 61_024_030
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# run_tests --quick (and the Python matrix) scales the heaviest tests down; CI's main run uses 1
+SCALE = float(os.environ.get("AUDIT_TEST_SCALE", "1"))
 
 _COLUMNS = "id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len"
 
@@ -49,13 +51,18 @@ def baseline_paths(db_path, payload_path):
         baseline.DB_PATH, baseline.PAYLOAD_FILE = saved
 
 
+def outcome(fn, *args):
+    """('ok', result) or ('raise', exception type): what a caller can observe."""
+    try:
+        return "ok", fn(*args)
+    except Exception as exc:  # the type is the observable behaviour being compared
+        return "raise", type(exc)
+
+
 def baseline_answer(query):
     """The baseline's own handle_request() for `query`: ('ok', result) or ('raise', exception type)."""
     with fixed_query(query):
-        try:
-            return "ok", baseline.handle_request()
-        except Exception as exc:  # the type is the observable behaviour being compared
-            return "raise", type(exc)
+        return outcome(baseline.handle_request)
 
 
 class Oracle:
@@ -115,17 +122,36 @@ class Oracle:
 
 
 class DataCopy:
-    """A private copy of audit.db and payloads.jsonl in a temporary folder, removed on exit."""
+    """A private copy of audit.db and payloads.jsonl in a temporary folder, removed on exit.
 
-    def __init__(self):
+    With `rows`, the database keeps only the first `rows` events (by id), same schema and index,
+    so the baseline answers in about a millisecond.
+    """
+
+    def __init__(self, rows=None):
         import shutil
         import tempfile
         self._tmp = tempfile.TemporaryDirectory(prefix="audit-test-")
         self.dir = self._tmp.name
         self.db = os.path.join(self.dir, "audit.db")
         self.payloads = os.path.join(self.dir, "payloads.jsonl")
-        shutil.copyfile(os.path.join(ROOT, baseline.DB_PATH), self.db)
+        source = os.path.join(ROOT, baseline.DB_PATH)
+        if rows is None:
+            shutil.copyfile(source, self.db)
+        else:
+            with contextlib.closing(sqlite3.connect(self.db)) as conn:
+                conn.execute("ATTACH DATABASE ? AS src", (source,))
+                for (sql,) in conn.execute("SELECT sql FROM src.sqlite_master WHERE tbl_name = 'audit_events' "
+                                           "AND sql IS NOT NULL ORDER BY type DESC").fetchall():
+                    conn.execute(sql)
+                conn.execute("INSERT INTO audit_events SELECT * FROM src.audit_events WHERE id <= ?", (rows,))
+                conn.commit()
+                conn.execute("DETACH DATABASE src")
         shutil.copyfile(os.path.join(ROOT, baseline.PAYLOAD_FILE), self.payloads)
+
+    def digest(self):
+        """SHA-256 of both files, to show nothing was written."""
+        return sha256_file(self.db), sha256_file(self.payloads)
 
     def __enter__(self):
         return self
