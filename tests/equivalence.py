@@ -32,7 +32,7 @@ def windows(oracle, seed=20261123):
     ]
     for i in range(3):
         start = rng.randint(oldest - 1000, newest)
-        out.append((f"random #{i + 1}", start, start + rng.randint(0, 10 * 24 * 3600)))
+        out.append((f"random #{i + 1}", start, start + rng.randint(0, 4 * 24 * 3600)))
     return out
 
 

@@ -89,7 +89,7 @@ class Concurrency(unittest.TestCase):
 
     def test_readers_with_a_live_writer(self):
         """Every answer is the answer for one committed state, never older than the request's start."""
-        commits = max(6, int(16 * SCALE))
+        commits = max(6, int(10 * SCALE))
         with DataCopy() as data, Service(data.db, data.payloads) as service:
             oracle = Oracle(data.db, data.payloads)
             rows = oracle.rows
