@@ -12,22 +12,11 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.chdir(ROOT)
-sys.path.insert(0, ROOT)
+from common import CONTRACT_SQL  # noqa: E402  (also puts the repository root first on sys.path)
 
 import audit_log_service as baseline  # noqa: E402
 
-# The contract's query (issue 2), run here piece by piece to time it.
-SQL = """
-SELECT id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len
-FROM audit_events
-WHERE created_at BETWEEN ? AND ?
-  AND (? IS NULL OR actor_id = ?)
-  AND (? IS NULL OR action = ?)
-ORDER BY created_at DESC, id DESC
-LIMIT ? OFFSET ?
-"""
+SQL = CONTRACT_SQL  # run here piece by piece to time it
 
 
 def _us(seconds):

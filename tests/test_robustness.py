@@ -403,7 +403,7 @@ class ReadAccounting(unittest.TestCase):
 
 
 class StdlibOnly(unittest.TestCase):
-    LOCAL = {"audit_log_service", "runner", "enhanced_audit_log_service", "tests", "bench"}
+    LOCAL = {"audit_log_service", "runner", "enhanced_audit_log_service", "tests", "bench", "common"}
 
     def _is_stdlib(self, name):
         names = getattr(sys, "stdlib_module_names", None)

@@ -1,0 +1,45 @@
+"""Shared benchmark helpers: run from the repository root, median-of-rounds through runner.run, tables."""
+
+import json
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.chdir(ROOT)  # the contract's paths are relative to the working directory
+sys.path.insert(0, ROOT)
+
+import runner  # noqa: E402
+
+KEYS = ("rps", "p50_ms", "p90_ms", "p95_ms", "p99_ms")
+
+# The contract's query (issue 2), for the scripts that run it themselves.
+CONTRACT_SQL = """
+SELECT id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len
+FROM audit_events
+WHERE created_at BETWEEN ? AND ?
+  AND (? IS NULL OR actor_id = ?)
+  AND (? IS NULL OR action = ?)
+ORDER BY created_at DESC, id DESC
+LIMIT ? OFFSET ?
+"""
+
+
+def measure(load_fn, concurrency, total, rounds, warmup=100):
+    """Median of each metric over `rounds` runner.run calls; also the per-round p99s (noise check)."""
+    runs = [runner.run(load_fn, warmup, total, concurrency)[0] for _ in range(rounds)]
+    out = {k: statistics.median(r[k] for r in runs) for k in KEYS}
+    out["p99_rounds"] = [round(r["p99_ms"], 3) for r in runs]
+    return out
+
+
+def table(title, rows, columns):
+    """Print `rows` (dicts) with `columns` [(key, header, format)]."""
+    print(f"\n{title}")
+    print("  " + "".join(f"{h:>{w}}" for _, h, w, _ in columns))
+    for row in rows:
+        print("  " + "".join(f"{format(row[k], f):>{w}}" for k, _, w, f in columns))
+
+
+def emit_json(payload):
+    print(json.dumps(payload, indent=2, default=str))
