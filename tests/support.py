@@ -1,13 +1,14 @@
 """Shared test helpers: a fixed-query hook for the baseline and an in-memory oracle."""
 
 __all__ = ["DATASET_SHA256", "DATASET_BYTES", "ROOT", "SCALE", "fixed_query", "baseline_paths", "baseline_answer", "Oracle",
-           "sha256_file", "DataCopy", "append_event", "append_events", "outcome"]
+           "sha256_file", "DataCopy", "append_event", "append_events", "outcome", "ServiceTestCase"]
 
 import contextlib
 import hashlib
 import json
 import os
 import sqlite3
+import unittest
 from dataclasses import asdict
 
 import audit_log_service as baseline
@@ -188,3 +189,18 @@ def append_events(db_path, payload_path, events):
 def append_event(db_path, payload_path, created_at, actor_id, action):
     """One new event, committed on its own. Returns its id."""
     return append_events(db_path, payload_path, [(created_at, actor_id, action)])[0]
+
+
+class ServiceTestCase(unittest.TestCase):
+    """A test class with the oracle and one initialised EnhancedAuditLogService on the contract data."""
+
+    @classmethod
+    def setUpClass(cls):
+        import enhanced_audit_log_service
+        cls.oracle = Oracle()
+        cls.service = enhanced_audit_log_service.EnhancedAuditLogService()
+        cls.service.init()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.service.close()

@@ -8,7 +8,7 @@ import unittest
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
-from tests.support import ROOT, SCALE, DataCopy, Oracle, append_events, fixed_query
+from tests.support import ROOT, SCALE, DataCopy, Oracle, ServiceTestCase, append_events, fixed_query
 
 Query = baseline.Query
 ACTIONS = ["LOGIN", "LOGOUT", "UPDATE", "DELETE", "CREATE", "EXPORT"]
@@ -32,12 +32,10 @@ def walk(service, from_ts, to_ts, actor_id, action, size, cursor=None, limit=100
     raise AssertionError("walk did not end")
 
 
-class WalkEqualsPages(unittest.TestCase):
+class WalkEqualsPages(ServiceTestCase):
     @classmethod
     def setUpClass(cls):
-        cls.oracle = Oracle()
-        cls.service = enhanced.EnhancedAuditLogService()
-        cls.service.init()
+        super().setUpClass()
         # The whole range walks all 50,000 events per filter and size. Selection is what is tested
         # there, so that service reads a stub payload; the contract window reads the real ones, and
         # the equivalence step of run_tests checks every payload against the oracle.
@@ -50,7 +48,7 @@ class WalkEqualsPages(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        cls.service.close()
+        super().tearDownClass()
         cls.selection_only.close()
 
     def _same(self, actor_id, action, sizes=(10, 20, 50)):

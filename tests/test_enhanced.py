@@ -9,7 +9,7 @@ from contextlib import closing
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
 import runner
-from tests.support import DATASET_BYTES, ROOT, DataCopy, Oracle, append_event, baseline_answer
+from tests.support import DATASET_BYTES, ROOT, DataCopy, Oracle, ServiceTestCase, append_event, baseline_answer
 
 Query = baseline.Query
 
@@ -19,19 +19,7 @@ def setUpModule():
     baseline.init()
 
 
-class _WithService(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.oracle = Oracle()
-        cls.service = enhanced.EnhancedAuditLogService()
-        cls.service.init()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.service.close()
-
-
-class IndexInvariants(_WithService):
+class IndexInvariants(ServiceTestCase):
     def test_check_passes_on_the_dataset(self):
         self.service._index._check(payload_size=DATASET_BYTES)
 
@@ -53,7 +41,7 @@ class IndexInvariants(_WithService):
                                                       "ORDER", "USER", "PRODUCT", "INVOICE", "WAREHOUSE"]))
 
 
-class Answers(_WithService):
+class Answers(ServiceTestCase):
     def test_random_queries_match_oracle(self):
         rng = random.Random(11)
         rows = self.oracle.rows
