@@ -98,17 +98,21 @@ class _LibcIO:
             return string_at(buf, got)
 
         # where st_dev and st_ino sit in this platform's struct stat: found by comparing with
-        # os.stat on a directory we know, so no layout is hard-coded
-        probe = os.path.dirname(os.path.abspath(__file__)).encode()
-        buf = new_buffer(1024)
-        if c_stat(probe, buf) != 0:
-            raise OSError(get_errno(), "stat probe failed")
-        st = os.stat(probe)
-        raw = buf.raw
-        at_dev = raw.find(struct.pack("=Q", st.st_dev))
-        at_ino = raw.find(struct.pack("=Q", st.st_ino))
-        if at_dev < 0 or at_ino < 0 or at_dev == at_ino:
+        # os.stat on two paths we know, so no layout is hard-coded; anything ambiguous (a zero
+        # value, a second match, offsets that disagree) falls back to the os module
+        offsets = set()
+        for probe in (os.path.abspath(__file__), os.path.dirname(os.path.abspath(__file__))):
+            buf = new_buffer(1024)
+            if c_stat(os.fsencode(probe), buf) != 0:
+                raise OSError(get_errno(), "stat probe failed")
+            st, raw = os.stat(probe), buf.raw
+            dev, ino = struct.pack("=Q", st.st_dev), struct.pack("=Q", st.st_ino)
+            if 0 in (st.st_dev, st.st_ino) or raw.count(dev) != 1 or raw.count(ino) != 1:
+                raise OSError("struct stat layout not recognised")
+            offsets.add((raw.find(dev), raw.find(ino)))
+        if len(offsets) != 1:
             raise OSError("struct stat layout not recognised")
+        (at_dev, at_ino), = offsets
         lo, hi = min(at_dev, at_ino), max(at_dev, at_ino) + 8
 
         def file_id(path):
