@@ -318,12 +318,11 @@ def _missing_db(path, exc):
     return sqlite3.OperationalError(f"unable to open database file {path!r}: {exc.strerror or exc}")
 
 
-def _read_like_baseline(path, offset, length):
-    """The baseline's exact read, for rows whose offset or length is negative."""
+def _read_like_baseline(path, length, offset):
+    """The baseline's exact read (open, seek, read), for rows whose offset or length is negative."""
     with open(path, "rb") as f:
         f.seek(offset)
-        data = f.read(length)
-    return json.loads(data)
+        return f.read(length)
 
 
 class EnhancedAuditLogService:
@@ -455,13 +454,8 @@ class EnhancedAuditLogService:
 
     def _events(self, idx, positions):
         """One positioned read and one json.loads per position, during this call. O(k)."""
-        if idx.odd:
-            path = self._payload_path
-            read = lambda length, offset: _read_like_baseline(path, offset, length)  # noqa: E731
-            loads = _identity
-        else:
-            read = self._payload_reader()
-            loads = json.loads
+        read = partial(_read_like_baseline, self._payload_path) if idx.odd else self._payload_reader()
+        loads = json.loads
         ids, inv, actors = idx.ids, idx.inv_created, idx.actors
         acodes, tcodes, strings = idx.action_codes, idx.type_codes, idx.strings
         rid_text, rid_starts, offsets, lengths = idx.rid_text, idx.rid_starts, idx.offsets, idx.lengths
@@ -679,10 +673,6 @@ def _read_at(fd, length, offset):
         return os.pread(fd, length, offset)
     os.lseek(fd, offset, os.SEEK_SET)  # only at build time, under the build lock
     return os.read(fd, length)
-
-
-def _identity(value):
-    return value
 
 
 # --------------------------------------------------------------------------------------------
