@@ -71,6 +71,10 @@ class _OsIO:
         st = os.stat(path)
         return st.st_dev, st.st_ino
 
+    def stamp(self, path, fd):
+        """(file id of `path`, the database header's change counter read from `fd`)."""
+        return self.file_id(path), self.pread(fd, _COUNTER_LEN, _COUNTER_AT)
+
 
 class _LibcIO:
     """pread and stat from libc through ctypes.PyDLL, which keeps the GIL during the call."""
@@ -79,33 +83,27 @@ class _LibcIO:
 
     def __init__(self):
         import ctypes
-        libc = ctypes.PyDLL(None, use_errno=True)
+        # No use_errno: saving errno around every call costs ~0.5 us. A failed call is rare and
+        # is repeated through the os module, which raises the OSError with its errno and path.
+        libc = ctypes.PyDLL(None)
         c_pread = getattr(libc, "pread64", None) or libc.pread
-        c_pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
         c_pread.restype = ctypes.c_ssize_t
         c_stat = libc.stat
-        c_stat.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
         c_stat.restype = ctypes.c_int
-        new_buffer, string_at, get_errno = ctypes.create_string_buffer, ctypes.string_at, ctypes.get_errno
+        new_buffer, addressof, get_ident = ctypes.create_string_buffer, ctypes.addressof, threading.get_ident
+        c_int, c_void_p, c_size_t, c_int64, c_char_p = (
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_char_p)
+        stat_area = 1024  # more than any platform's struct stat
 
-        def pread(fd, length, offset):
-            if length < 0 or offset < 0:
-                raise OSError(22, os.strerror(22))  # EINVAL, as os.pread; never a negative size_t
-            buf = new_buffer(length)  # per call: another thread may run between our two C calls
-            got = c_pread(fd, buf, length, offset)
-            if got < 0:
-                raise OSError(get_errno(), os.strerror(get_errno()))
-            return string_at(buf, got)
-
-        # where st_dev and st_ino sit in this platform's struct stat: found by comparing with
-        # os.stat on two paths we know, so no layout is hard-coded; anything ambiguous (a zero
-        # value, a second match, offsets that disagree) falls back to the os module
+        # Where st_dev and st_ino sit in this platform's struct stat: found by comparing with
+        # os.stat on two paths we know, so no layout is hard-coded. Anything ambiguous (a zero
+        # value, a second match, offsets that disagree) falls back to the os module.
+        probe_buf = new_buffer(stat_area)
         offsets = set()
         for probe in (os.path.abspath(__file__), os.path.dirname(os.path.abspath(__file__))):
-            buf = new_buffer(1024)
-            if c_stat(os.fsencode(probe), buf) != 0:
-                raise OSError(get_errno(), "stat probe failed")
-            st, raw = os.stat(probe), buf.raw
+            if c_stat(c_char_p(os.fsencode(probe)), c_void_p(addressof(probe_buf))) != 0:
+                raise OSError("stat probe failed")
+            st, raw = os.stat(probe), probe_buf.raw
             dev, ino = struct.pack("=Q", st.st_dev), struct.pack("=Q", st.st_ino)
             if 0 in (st.st_dev, st.st_ino) or raw.count(dev) != 1 or raw.count(ino) != 1:
                 raise OSError("struct stat layout not recognised")
@@ -115,15 +113,72 @@ class _LibcIO:
         (at_dev, at_ino), = offsets
         lo, hi = min(at_dev, at_ino), max(at_dev, at_ino) + 8
 
-        def file_id(path):
-            encoded = os.fsencode(path)
-            buf = new_buffer(1024)
-            if c_stat(encoded, buf) != 0:
-                err = get_errno()
-                raise OSError(err, os.strerror(err), path)
-            return string_at(buf, hi)[lo:]
+        # Each thread reuses one slot: a buffer (stat area, then payload area) and the ctypes
+        # argument objects, set in place. Building them per call costs ~1 us and feeds the cyclic
+        # GC; passing converted objects skips argtypes conversion. A slot leaves `slots` while in
+        # use, so a nested call on the same thread (a signal handler) gets a fresh one.
+        slots = {}  # thread id -> slot; a thread touches only its own key
+        paths = {}  # path -> c_char_p; read-only once made, so threads share them
 
-        self.pread, self.file_id = pread, file_id
+        def new_slot(capacity):
+            if len(slots) > 256:
+                slots.clear()  # threads that ended leave their slots behind
+            buf = new_buffer(stat_area + capacity)
+            at = addressof(buf)
+            return (buf, capacity, c_int(), c_void_p(at + stat_area), c_size_t(), c_int64(),
+                    c_void_p(at), c_void_p(at + hi))
+
+        def stat_into(slot, path):
+            try:
+                path_arg = paths[path]
+            except KeyError:
+                path_arg = paths[path] = c_char_p(os.fsencode(path))
+            for _ in range(3):
+                if c_stat(path_arg, slot[6]) == 0:
+                    return
+                os.stat(path)  # raises the OSError (errno, path) the os module gives
+            raise OSError(f"stat of {path!r} fails through libc but not through os")
+
+        def pread(fd, length, offset):
+            if length < 0 or offset < 0:
+                raise OSError(22, os.strerror(22))  # EINVAL, as os.pread; never a negative size_t
+            tid = get_ident()
+            slot = slots.pop(tid, None)
+            if slot is None or slot[1] < length:
+                slot = new_slot(max(length, 4096))
+            buf, _, fd_arg, data_at, length_arg, offset_arg, _, _ = slot
+            fd_arg.value, length_arg.value, offset_arg.value = fd, length, offset
+            got = c_pread(fd_arg, data_at, length_arg, offset_arg)
+            if got < 0:
+                return os.pread(fd, length, offset)  # raises the OSError, with its errno
+            data = buf[stat_area:stat_area + got]
+            slots[tid] = slot  # only after the copy: the slot is free for reuse from here
+            return data
+
+        def file_id(path):
+            tid = get_ident()
+            slot = slots.pop(tid, None) or new_slot(4096)
+            stat_into(slot, path)
+            result = slot[0][lo:hi]
+            slots[tid] = slot
+            return result
+
+        def stamp(path, fd):
+            """(file id of `path`, the change counter read from `fd`): one slot for both calls,
+            the counter read into the stat area just past the id."""
+            tid = get_ident()
+            slot = slots.pop(tid, None) or new_slot(4096)
+            stat_into(slot, path)
+            buf, _, fd_arg, _, length_arg, offset_arg, _, counter_at = slot
+            fd_arg.value, length_arg.value, offset_arg.value = fd, _COUNTER_LEN, _COUNTER_AT
+            got = c_pread(fd_arg, counter_at, length_arg, offset_arg)
+            if got < 0:
+                return file_id(path), os.pread(fd, _COUNTER_LEN, _COUNTER_AT)  # or raises, with errno
+            result = buf[lo:hi], buf[hi:hi + got]
+            slots[tid] = slot
+            return result
+
+        self.pread, self.file_id, self.stamp = pread, file_id, stamp
 
 
 def _choose_io(kind):
@@ -188,6 +243,15 @@ def _parse(query):
 
 def _check_fields(f, t, actor, action, page, size):
     """The argument checks of _parse, shared with list_after (which has no page: it passes 1)."""
+    # fast path: every field has its type and fits SQLite's 64-bit integers (any miss takes
+    # the ordered checks below, so the first bad field in binding order is the one named)
+    if (type(f) is int and type(t) is int and type(page) is int and type(size) is int
+            and (actor is None or type(actor) is int) and (action is None or type(action) is str)
+            and _INT64_MIN <= f <= _INT64_MAX and _INT64_MIN <= t <= _INT64_MAX
+            and (actor is None or _INT64_MIN <= actor <= _INT64_MAX)
+            and page >= 1 and size in _PAGE_SIZES and (page - 1) * size <= _INT64_MAX
+            and (action is None or action.isascii())):
+        return
     _int_field("from_ts", f)
     _int_field("to_ts", t)
     _int_field("actor_id", actor, none_ok=True)
@@ -340,8 +404,9 @@ class EnhancedAuditLogService:
         self._index = None  # current _Index; replaced whole, never mutated
         self._tickets = count(1)  # orders change detections against index builds
         self._lock = threading.Lock()  # protects: building/publishing _index, _payload, _handles, _closed
-        self._wal_lock = threading.Lock()  # protects: _wal_conn (one connection shared by threads)
+        self._wal_lock = threading.Lock()  # protects: _wal_conn, _wal_fid (one connection shared by threads)
         self._wal_conn = None
+        self._wal_fid = None  # id of the database file _wal_conn was opened for
         self._payload = None  # (file id, reader) for the shared descriptor, replaced whole
         self._local = threading.local()  # 'seek' path: this thread's (file id, reader)
         self._handles = []  # every descriptor or file object opened; close() closes them
@@ -483,18 +548,15 @@ class EnhancedAuditLogService:
         idx = self._index
         if idx is None:
             return self._lazy_init()
-        io = self._io
         try:
-            fid = io.file_id(self._db_path)
+            if not idx.wal:
+                # fast path: rollback journal, one wrapper call for the stat and the counter
+                if self._io.stamp(self._db_path, idx.db_fd) == idx.stamp:
+                    return idx
+            elif self._io.file_id(self._db_path) == idx.stamp[0] and self._wal_version() == idx.stamp[1]:
+                return idx
         except OSError as exc:
             raise _missing_db(self._db_path, exc) from exc
-        if fid == idx.fid:
-            if idx.wal:
-                stamp = self._wal_version()
-            else:
-                stamp = io.pread(idx.db_fd, _COUNTER_LEN, _COUNTER_AT)
-            if stamp == idx.stamp:
-                return idx
         return self._rebuild(next(self._tickets))
 
     def _lazy_init(self):
@@ -510,10 +572,17 @@ class EnhancedAuditLogService:
         with self._wal_lock:
             return self._wal_connection().execute("PRAGMA data_version").fetchone()[0]
 
-    def _wal_connection(self):
-        """The kept read-only connection of the WAL path; the caller holds _wal_lock."""
+    def _wal_connection(self, fid=None):
+        """The kept read-only connection of the WAL path; the caller holds _wal_lock.
+
+        A build passes the id of the file now at the path: a connection opened on a file since
+        replaced would keep reading the old one, so it is reopened.
+        """
+        if self._wal_conn is not None and fid is not None and fid != self._wal_fid:
+            self._wal_conn.close()
+            self._wal_conn = None
         if self._wal_conn is None:
-            self._wal_conn = self._connect()
+            self._wal_conn, self._wal_fid = self._connect(), fid
         return self._wal_conn
 
     def _connect(self):
@@ -543,14 +612,14 @@ class EnhancedAuditLogService:
         wal = self._io.pread is None or (len(header) > _WAL_BYTE and header[_WAL_BYTE] == 2)
         if wal:
             with self._wal_lock:
-                idx, stamp = self._snapshot(self._wal_connection(), fd, wal)
+                idx, stamp = self._snapshot(self._wal_connection(fid), fd, wal)
         else:
             conn = self._connect()
             try:
                 idx, stamp = self._snapshot(conn, fd, wal)
             finally:
                 conn.close()
-        idx.ticket, idx.stamp, idx.wal, idx.db_fd, idx.fid = ticket, stamp, wal, fd, fid
+        idx.ticket, idx.stamp, idx.wal, idx.db_fd, idx.fid = ticket, (fid, stamp), wal, fd, fid
         return idx
 
     def _open_same(self, path, current):

@@ -1,8 +1,11 @@
 """The enhanced service: index invariants, answers, argument checks, freshness and lifecycle."""
 
+import errno
 import os
 import random
 import sqlite3
+import sys
+import threading
 import unittest
 from contextlib import closing
 
@@ -159,6 +162,22 @@ class Freshness(unittest.TestCase):
                 conn.execute("UPDATE audit_events SET action = 'EXPORT' WHERE id = ?", (top[1]["id"],))
             self._compare(data, service, [q, Query(0, 2 ** 40, None, "EXPORT", 1, 10)])
 
+    def test_replaced_database_is_seen_in_every_journal_mode(self):
+        # a new file put in place by rename; in WAL mode the kept connection must follow it
+        for mode, io in (("WAL", "auto"), ("DELETE", "auto"), ("DELETE", "seek")):
+            with DataCopy() as data, enhanced.EnhancedAuditLogService(data.db, data.payloads, io=io) as service:
+                with closing(sqlite3.connect(data.db)) as conn:
+                    conn.execute(f"PRAGMA journal_mode={mode}")
+                q = Query(0, 2 ** 40, None, None, 1, 10)
+                self._compare(data, service, [q])
+                aside = data.db + ".new"
+                with closing(sqlite3.connect(data.db)) as src, closing(sqlite3.connect(aside)) as dst:
+                    src.backup(dst)
+                    with dst:
+                        dst.execute("DELETE FROM audit_events WHERE id % 2 = 0")
+                os.replace(aside, data.db)
+                self._compare(data, service, [q, Query(0, 2 ** 40, None, "EXPORT", 1, 10)])
+
     def test_no_rebuild_without_a_commit(self):
         with DataCopy() as data, enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
             first = service._index
@@ -241,13 +260,44 @@ class DropIn(unittest.TestCase):
         libc, osio = enhanced._choose_io("libc"), enhanced._choose_io("os")
         fd = os.open(baseline.PAYLOAD_FILE, os.O_RDONLY)
         try:
-            for offset, length in ((0, 100), (61_024_000, 100), (10 ** 9, 5), (5, 0)):
+            # a read larger than the thread's buffer grows it; reads past the end come back short
+            for offset, length in ((0, 100), (61_024_000, 100), (10 ** 9, 5), (5, 0), (7, 300_000), (3, 10)):
                 self.assertEqual(libc.pread(fd, length, offset), os.pread(fd, length, offset))
             for bad in ((-1, 10), (0, -1)):
                 with self.assertRaises(OSError):
                     libc.pread(fd, bad[1], bad[0])
+            with open(baseline.DB_PATH, "rb") as db:
+                counter = os.pread(db.fileno(), 4, 24)
+                self.assertEqual(libc.stamp(baseline.DB_PATH, db.fileno()), (libc.file_id(baseline.DB_PATH), counter))
+                self.assertEqual(osio.stamp(baseline.DB_PATH, db.fileno()), (osio.file_id(baseline.DB_PATH), counter))
+            # each thread reads through its own buffer: 8 threads, interleaved, all bytes right
+            errors = []
+
+            def reader(seed):
+                rng = random.Random(seed)
+                for _ in range(2000):
+                    offset, length = rng.randrange(61_000_000), rng.randrange(2000)
+                    if libc.pread(fd, length, offset) != os.pread(fd, length, offset):
+                        errors.append((offset, length))
+
+            threads = [threading.Thread(target=reader, args=(s,)) for s in range(8)]
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(1e-6)  # switch threads as often as CPython can, to meet any race
+            try:
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            finally:
+                sys.setswitchinterval(interval)
+            self.assertEqual(errors, [])
         finally:
             os.close(fd)
+        # a failing C call is repeated through os, which raises with the errno
+        for io in (libc, osio):
+            with self.assertRaises(OSError) as caught:
+                io.pread(fd, 10, 0)  # closed above
+            self.assertEqual(caught.exception.errno, errno.EBADF)
         self.assertEqual(libc.file_id(baseline.DB_PATH), libc.file_id(os.path.abspath(baseline.DB_PATH)))
         self.assertNotEqual(libc.file_id(baseline.DB_PATH), libc.file_id(baseline.PAYLOAD_FILE))
         for io in (libc, osio):
