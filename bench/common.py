@@ -33,6 +33,22 @@ def measure(load_fn, concurrency, total, rounds, warmup=100):
     return out
 
 
+def measure_interleaved(loads, concurrency, total, rounds, warmup=100):
+    """`measure` for several variants, one round of each in turn, so drift on a shared machine
+    hits all of them alike. Also each round's rps as a ratio to the first variant's same round."""
+    runs = {name: [] for name in loads}
+    for _ in range(rounds):
+        for name, load_fn in loads.items():
+            runs[name].append(runner.run(load_fn, warmup, total, concurrency)[0])
+    first = next(iter(runs.values()))
+    out = {}
+    for name, rs in runs.items():
+        out[name] = {k: statistics.median(r[k] for r in rs) for k in KEYS}
+        out[name]["p99_rounds"] = [round(r["p99_ms"], 3) for r in rs]
+        out[name]["rps_ratio_rounds"] = [round(r["rps"] / f["rps"], 3) for r, f in zip(rs, first)]
+    return out
+
+
 def table(title, rows, columns):
     """Print `rows` (dicts) with `columns` [(key, header, format)]."""
     print(f"\n{title}")
