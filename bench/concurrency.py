@@ -23,8 +23,8 @@ def harness_floor():
     return baseline._pick_query
 
 
-def work_floor(service, plans=4000, seed=5):
-    """_pick_query() plus the known answer's unavoidable work: per event one os.pread, json.loads, a dict.
+def work_floor(service, plans=4000, seed=5, pread=os.pread):
+    """_pick_query() plus the known answer's unavoidable work: per event one `pread`, json.loads, a dict.
 
     Answers (row positions) are computed before timing, for a cycle of drawn queries, so what is
     timed is exactly the per-request work no implementation can skip.
@@ -43,7 +43,7 @@ def work_floor(service, plans=4000, seed=5):
     baseline._rng.setstate(state)
     fd = os.open(baseline.PAYLOAD_FILE, os.O_RDONLY)
     nxt = itertools.cycle(answers).__next__
-    pick, pread, loads = baseline._pick_query, os.pread, json.loads
+    pick, loads = baseline._pick_query, json.loads
 
     def load():
         pick()
@@ -94,6 +94,7 @@ def main():
                                  "enhanced, io=os (os.pread)", "tuned SQLite (covering index)")
     # the work floor goes first: every round's rps is also taken as a ratio to its same round
     variants = {floor: work_floor(libc), "harness floor (_pick_query only)": harness_floor(),
+                f"work floor, {libc._io.name} pread": work_floor(libc, pread=libc._io.pread),
                 enh: libc.handle_request, enh_os: osio.handle_request}
     rows = []
     for conc in concurrency:
