@@ -314,7 +314,7 @@ class _Index:
     actor_id, by action code, and by `actor_id * _PAIR + action code`.
     """
 
-    __slots__ = ("ticket", "stamp", "wal", "db_fd", "fid", "n", "ids", "inv_created",
+    __slots__ = ("ticket", "stamp", "wal", "db_fd", "n", "ids", "inv_created",
                  "actors", "action_codes", "type_codes", "strings", "code_of", "rid_text", "rid_starts",
                  "offsets", "lengths", "odd", "by_actor", "by_action", "by_pair")
 
@@ -601,7 +601,7 @@ class EnhancedAuditLogService:
             return new
 
     def _build(self, ticket, previous):
-        fid, fd = self._open_same(self._db_path, None if previous is None else (previous.fid, previous.db_fd))
+        fid, fd = self._open_same(self._db_path, None if previous is None else (previous.stamp[0], previous.db_fd))
         try:
             header = _read_at(fd, 100, 0)
         except OSError as exc:  # a directory, say: SQLite would fail to open it
@@ -618,7 +618,7 @@ class EnhancedAuditLogService:
                 idx, stamp = self._snapshot(conn, fd, wal)
             finally:
                 conn.close()
-        idx.ticket, idx.stamp, idx.wal, idx.db_fd, idx.fid = ticket, (fid, stamp), wal, fd, fid
+        idx.ticket, idx.stamp, idx.wal, idx.db_fd = ticket, (fid, stamp), wal, fd  # stamp: (file id, change)
         return idx
 
     def _open_same(self, path, current):

@@ -13,7 +13,8 @@ from contextlib import closing
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
-from tests.support import ROOT, SCALE, DataCopy, Oracle, append_events, baseline_answer, outcome
+from tests.support import (ROOT, SCALE, DataCopy, Oracle, append_events, baseline_answer, outcome,
+                           replace_db_with_fewer_rows)
 
 Query = baseline.Query
 Service = enhanced.EnhancedAuditLogService
@@ -249,15 +250,6 @@ class Faults(unittest.TestCase):
             line["note"] = line["note"][:-10]  # still valid JSON, 10 bytes shorter
             return data[:self.offset] + (json.dumps(line) + "\n").encode() + data[self.offset + self.length:]
 
-        def replace_db_with_fewer_rows(d):
-            # a new file (new inode) put in place the way tools do it: write aside, then rename
-            aside = d.db + ".new"
-            with closing(sqlite3.connect(d.db)) as src, closing(sqlite3.connect(aside)) as dst:
-                src.backup(dst)
-                with dst:
-                    dst.execute("DELETE FROM audit_events WHERE id % 2 = 0")
-            os.replace(aside, d.db)
-
         def corrupt_line(data):
             start = self.offset + 5
             return data[:start] + b"#" * 7 + data[start + 7:]
@@ -271,7 +263,7 @@ class Faults(unittest.TestCase):
             "payload line corrupted": lambda d: _rewrite(d.payloads, corrupt_line),
             "payload line length differs": lambda d: _rewrite(d.payloads, line_shorter),
             "payload file replaced (new inode)": lambda d: _replace(d.payloads, line_shorter),
-            "db replaced (new inode)": replace_db_with_fewer_rows,
+            "db replaced (new inode)": lambda d: replace_db_with_fewer_rows(d.db),
         }
 
     def _compare(self, data, service, label):
