@@ -34,7 +34,8 @@ def add_ons(service):
     return {
         "busy loop (~10 us of Python)": busy,
         f"freshness stamp ({io.name}: stat + 4-byte pread)": lambda: io.stamp(db, fd),
-        "os.stat + os.pread (GIL released twice)": lambda: (os.stat(db), os.pread(fd, 4, 24)),
+        "os.stat + os.pread (GIL released twice)":
+            lambda: (os.stat(db), os.pread(fd, enhanced._COUNTER_LEN, enhanced._COUNTER_AT)),
         "validate + freshness + select": fixed,
     }
 
