@@ -10,6 +10,7 @@ os.chdir(ROOT)  # the contract's paths are relative to the working directory
 sys.path.insert(0, ROOT)
 
 import runner  # noqa: E402
+from tests.support import timed  # noqa: E402
 
 KEYS = ("rps", "p50_ms", "p90_ms", "p95_ms", "p99_ms")
 
@@ -36,8 +37,9 @@ def measure_interleaved(loads, concurrency, total, rounds, warmup=100):
     """`measure` for several variants, one round of each in turn, so drift on a shared machine
     hits all of them alike. Also each round's rps as a ratio to the first variant's same round."""
     runs = {name: [] for name in loads}
+    timed_loads = {name: timed(fn) for name, fn in loads.items()}  # the runner contract: each call returns (t0, t1)
     for _ in range(rounds):
-        for name, load_fn in loads.items():
+        for name, load_fn in timed_loads.items():
             runs[name].append(runner.run(load_fn, warmup, total, concurrency)[0])
     first = next(iter(runs.values()))
     out = {}

@@ -1,13 +1,14 @@
 """Shared test helpers: a fixed-query hook for the baseline and an in-memory oracle."""
 
 __all__ = ["DATASET_SHA256", "DATASET_BYTES", "ROOT", "SCALE", "fixed_query", "baseline_paths", "baseline_answer", "Oracle",
-           "sha256_file", "DataCopy", "append_event", "append_events", "outcome", "ServiceTestCase"]
+           "sha256_file", "DataCopy", "append_event", "append_events", "outcome", "ServiceTestCase", "timed"]
 
 import contextlib
 import hashlib
 import json
 import os
 import sqlite3
+import time
 import unittest
 from dataclasses import asdict
 
@@ -28,6 +29,18 @@ def sha256_file(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def timed(fn):
+    """A load_fn for runner.run: calls `fn()` and returns the (t0, t1) perf_counter readings taken
+    around it, which is what the published runner contract expects of every load function."""
+    clock = time.perf_counter
+
+    def load():
+        t0 = clock()
+        fn()
+        return t0, clock()
+    return load
 
 
 @contextlib.contextmanager

@@ -6,12 +6,13 @@ import os
 import random
 import sqlite3
 import statistics
+import threading
 import time
 import unittest
 
 import audit_log_service as baseline
 import runner
-from tests.support import DATASET_BYTES, DATASET_SHA256, ROOT, Oracle, fixed_query, sha256_file
+from tests.support import DATASET_BYTES, DATASET_SHA256, ROOT, Oracle, fixed_query, sha256_file, timed
 
 
 def setUpModule():
@@ -170,47 +171,81 @@ class HandleRequest(unittest.TestCase):
 
 
 class Runner(unittest.TestCase):
+    """runner.run to the published contract: each load_fn() call returns its own (t0, t1)."""
+
     def _check_metrics(self, metrics, latencies, total, concurrency):
         self.assertEqual(set(metrics), {"count", "concurrency", "rps", "p50_ms", "p90_ms", "p95_ms",
                                         "p99_ms", "avg_ms"})
         self.assertEqual((metrics["count"], metrics["concurrency"]), (total, concurrency))
         self.assertEqual(len(latencies), total)
-        # hand-computed: linear interpolation at rank (n-1)*p, the same as statistics' 'inclusive' method
+        # linear interpolation at rank (n-1)*p, the same as statistics' 'inclusive' method
         cuts = statistics.quantiles(latencies, n=100, method="inclusive")
         for p in (50, 90, 95, 99):
             self.assertAlmostEqual(metrics[f"p{p}_ms"], cuts[p - 1], places=9)
-        ordered = sorted(latencies)
-        k = (len(ordered) - 1) * 0.9
-        lo = int(k)
-        by_hand = ordered[lo] + (ordered[min(lo + 1, len(ordered) - 1)] - ordered[lo]) * (k - lo)
-        self.assertAlmostEqual(metrics["p90_ms"], by_hand, places=9)
         self.assertAlmostEqual(metrics["avg_ms"], statistics.mean(latencies), places=9)
         self.assertGreater(metrics["rps"], 0)
 
-    def test_percentiles_and_warmup(self):
-        calls = []
-        delays = [0.0005 * (i % 7) for i in range(60)]
+    def test_preset_pairs_give_hand_computed_metrics(self):
+        # ten calls report latencies 125, 250, ..., 1250 ms (exact in binary) and take no time at
+        # all: the runner must use what the load function reports, not time the call itself
+        pairs = iter([(100.0, 100.0 + 0.125 * k) for k in (7, 3, 10, 1, 5, 9, 2, 8, 4, 6)])
+        lock = threading.Lock()
 
         def load():
+            with lock:
+                return next(pairs)
+
+        metrics, latencies = runner.run(load, warmup=0, total=10, concurrency=3)
+        self.assertEqual(sorted(latencies), [125.0 * k for k in range(1, 11)])
+        self.assertEqual((metrics["count"], metrics["concurrency"]), (10, 3))
+        self.assertEqual(metrics["p50_ms"], 687.5)  # rank 4.5: 625 + 0.5 * 125
+        self.assertAlmostEqual(metrics["p90_ms"], 1137.5, places=9)  # rank 8.1: 1125 + 0.1 * 125
+        self.assertAlmostEqual(metrics["p95_ms"], 1193.75, places=9)  # rank 8.55
+        self.assertAlmostEqual(metrics["p99_ms"], 1238.75, places=9)  # rank 8.91
+        self.assertEqual(metrics["avg_ms"], 687.5)
+
+    def test_warmup_calls_come_first_and_are_ignored(self):
+        calls = []
+
+        def load():
+            calls.append(threading.current_thread() is threading.main_thread())
+            return None if len(calls) <= 4 else (0.0, 0.5)  # warm-up results are not unpacked
+
+        metrics, latencies = runner.run(load, warmup=4, total=6, concurrency=2)
+        self.assertEqual(calls[:4], [True] * 4)  # one after another, on the calling thread
+        self.assertEqual(len(calls), 10)
+        self.assertEqual(latencies, [500.0] * 6)
+
+    def test_load_fn_returning_none_raises_type_error(self):
+        with self.assertRaises(TypeError):
+            runner.run(lambda: None, warmup=0, total=3, concurrency=2)
+
+    def test_empty_run_raises_statistics_error(self):
+        with self.assertRaises(statistics.StatisticsError):
+            runner.run(lambda: (0.0, 0.0), warmup=0, total=0, concurrency=2)
+
+    def test_empty_percentile_is_zero(self):
+        self.assertEqual(runner._percentile([], 0.99), 0.0)
+        self.assertEqual(runner._percentile([3.0, 1.0, 2.0], 0.5), 2.0)  # on a sorted copy
+
+    def test_timed_requests_through_the_pool(self):
+        delays = [0.0005 * (i % 7) for i in range(60)]
+        calls = []
+
+        def request():
             calls.append(1)
             time.sleep(delays[len(calls) % len(delays)])
 
-        metrics, latencies = runner.run(load, warmup=5, total=60, concurrency=4)
+        metrics, latencies = runner.run(timed(request), warmup=5, total=60, concurrency=4)
         self.assertEqual(len(calls), 65)
         self._check_metrics(metrics, latencies, 60, 4)
         self.assertGreaterEqual(max(latencies), 2.5)  # the 3 ms sleeps were timed, in milliseconds
 
     def test_two_samples(self):
-        metrics, latencies = runner.run(lambda: time.sleep(0.001), warmup=0, total=2, concurrency=1)
+        metrics, latencies = runner.run(timed(lambda: time.sleep(0.001)), warmup=0, total=2, concurrency=1)
         lo, hi = sorted(latencies)
         self.assertAlmostEqual(metrics["p50_ms"], lo + (hi - lo) * 0.5, places=9)
         self.assertAlmostEqual(metrics["p99_ms"], lo + (hi - lo) * 0.99, places=9)
-
-    def test_empty_run(self):
-        metrics, latencies = runner.run(lambda: None, warmup=0, total=0, concurrency=2)
-        self.assertEqual(latencies, [])
-        for key in ("p50_ms", "p90_ms", "p95_ms", "p99_ms"):
-            self.assertEqual(metrics[key], 0.0)
 
 
 if __name__ == "__main__":
