@@ -15,6 +15,7 @@ from common import CONTRACT_SQL, ROOT, emit_json, measure, measure_interleaved, 
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
+from enhanced_audit.index import select
 
 TUNED_DB = os.path.join(ROOT, "data", "tuned.db")
 
@@ -31,12 +32,13 @@ def work_floor(service, plans=4000, seed=5, pread=os.pread):
     """
     state = baseline._rng.getstate()
     baseline._rng.seed(seed)
-    idx = service._fresh_index()
+    view = service._fresh_view()
+    idx = view.base
     answers = []
     for _ in range(plans):
         q = baseline._pick_query()
-        positions, _ = enhanced._select(idx, q.from_ts, q.to_ts, q.actor_id, q.action,
-                                        (q.page - 1) * q.page_size, q.page_size, 0)
+        positions, _ = select(view, q.from_ts, q.to_ts, q.actor_id, q.action,
+                                        (q.page - 1) * q.page_size, q.page_size)
         answers.append([(idx.ids[p], ~idx.inv_created[p], idx.actors[p], idx.strings[idx.action_codes[p]],
                          idx.strings[idx.type_codes[p]], idx.rid_text[idx.rid_starts[p]:idx.rid_starts[p + 1]],
                          idx.offsets[p], idx.lengths[p]) for p in positions])

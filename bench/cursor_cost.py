@@ -8,6 +8,7 @@ from common import emit_json, table
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
+from enhanced_audit.cursor import fingerprint
 
 
 def per_call_us(fn, calls):
@@ -28,7 +29,7 @@ def main():
     baseline.init()
     rows = []
     with enhanced.EnhancedAuditLogService() as service:
-        idx = service._index
+        idx = service._view.base
         newest, oldest = ~idx.inv_created[0], ~idx.inv_created[idx.n - 1]
         for label, actor, action in (("unfiltered", None, None), ("action=UPDATE", None, "UPDATE"),
                                      ("actor_id=7", 7, None)):
@@ -43,7 +44,7 @@ def main():
                 cursor = None
                 if before is not None:  # the cursor that continues after page - 1
                     cursor = service._encode_cursor(before["events"][-1]["created_at"], before["events"][-1]["id"],
-                                                    enhanced._filter_fingerprint(oldest, newest, actor, action))
+                                                    fingerprint(oldest, newest, actor, action))
                 got = service.list_after(oldest, newest, actor, action, size, cursor)
                 assert got["events"] == want
                 rows.append({"filter": label, "page": page, "page_size": size,

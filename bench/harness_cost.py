@@ -9,6 +9,8 @@ from common import emit_json, measure_interleaved, table
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
+from enhanced_audit.index import select
+from enhanced_audit.query import parse
 from concurrency import work_floor
 
 
@@ -22,20 +24,20 @@ def busy():
 
 def add_ons(service):
     """name -> the extra work one request does on top of the work floor's."""
-    idx = service._fresh_index()
-    io, db, fd = service._io, service._db_path, idx.db_fd
+    view = service._fresh_view()
+    io, db, probe = service._io, service._db_path, view.probe
     query = baseline.Query(0, 2 ** 40, 7, "UPDATE", 3, 20)
 
     def fixed():  # what execute() does before its payload reads: validate, check freshness, select
-        q = enhanced._parse(query)
-        i = service._fresh_index()
-        enhanced._select(i, q[0], q[1], q[2], q[3], (q[4] - 1) * q[5], q[5], 0)
+        q = parse(query)
+        v = service._fresh_view()
+        select(v, q[0], q[1], q[2], q[3], (q[4] - 1) * q[5], q[5])
 
     return {
         "busy loop (~10 us of Python)": busy,
-        f"freshness stamp ({io.name}: stat + 4-byte pread)": lambda: io.stamp(db, fd),
+        f"freshness stamp ({io.name}: stat + 4-byte pread)": lambda: io.stamp(db, *probe),
         "os.stat + os.pread (GIL released twice)":
-            lambda: (os.stat(db), os.pread(fd, enhanced._COUNTER_LEN, enhanced._COUNTER_AT)),
+            lambda: (os.stat(db), os.pread(*probe)),
         "validate + freshness + select": fixed,
     }
 

@@ -40,7 +40,7 @@ def build_cost(db, payloads, repeats=3):
         t0 = time.perf_counter()
         service.init()
         times.append(time.perf_counter() - t0)
-        n = service._index.n
+        n = service._view.base.n
         service.close()
     tracemalloc.start()
     service = enhanced.EnhancedAuditLogService(db, payloads)
@@ -70,7 +70,7 @@ def depth(total, rounds):
     baseline.init()
     service = enhanced.EnhancedAuditLogService()
     service.init()
-    idx = service._index
+    idx = service._view.base
     newest, oldest = ~idx.inv_created[0], ~idx.inv_created[idx.n - 1]
     rows = []
     for name, fn, n in (("enhanced", service.handle_request, total), ("baseline", baseline.handle_request, 300)):

@@ -1,0 +1,101 @@
+"""The opt-in change log: a table kept by triggers on audit_events, so readers apply only what changed."""
+
+__all__ = ["TABLE", "KEEP", "install", "uninstall", "installed", "read_changes"]
+
+import contextlib
+import sqlite3
+
+TABLE = "audit_events_changes"
+KEEP = 100_000  # entries kept; a reader further behind than this rebuilds in full
+_TRIGGERS = ("audit_events_changes_insert", "audit_events_changes_update", "audit_events_changes_delete")
+
+# seq is the rowid: new entries take max(seq) + 1, and the prune never removes the newest entry,
+# so seq only grows (no AUTOINCREMENT: it would cost writers a sqlite_sequence update each).
+# old_created_at: the changed row's created_at before the change, so a reader finds its old
+# version in O(log n); NULL for an insert.
+_PRUNE = f"DELETE FROM {TABLE} WHERE seq <= (SELECT max(seq) FROM {TABLE}) - {KEEP};"
+_SCHEMA = (
+    f"CREATE TABLE IF NOT EXISTS {TABLE} (seq INTEGER PRIMARY KEY, row_id INTEGER NOT NULL, old_created_at INTEGER)",
+    f"""CREATE TRIGGER IF NOT EXISTS {_TRIGGERS[0]} AFTER INSERT ON audit_events BEGIN
+    INSERT INTO {TABLE} (row_id, old_created_at) VALUES (NEW.id, NULL);
+    {_PRUNE}
+END""",
+    f"""CREATE TRIGGER IF NOT EXISTS {_TRIGGERS[1]} AFTER UPDATE ON audit_events BEGIN
+    INSERT INTO {TABLE} (row_id, old_created_at) VALUES (OLD.id, OLD.created_at);
+    INSERT INTO {TABLE} (row_id, old_created_at) SELECT NEW.id, NULL WHERE NEW.id IS NOT OLD.id;
+    {_PRUNE}
+END""",
+    f"""CREATE TRIGGER IF NOT EXISTS {_TRIGGERS[2]} AFTER DELETE ON audit_events BEGIN
+    INSERT INTO {TABLE} (row_id, old_created_at) VALUES (OLD.id, OLD.created_at);
+    {_PRUNE}
+END""",
+)
+_INSTALLED = (f"SELECT count(*) FROM sqlite_master WHERE (type = 'table' AND name = '{TABLE}') "
+              f"OR (type = 'trigger' AND tbl_name = 'audit_events' AND name IN {_TRIGGERS!r})")
+_CHANGES = f"SELECT row_id, old_created_at FROM {TABLE} WHERE seq > ? ORDER BY seq"
+_CHANGED_ROWS = (
+    "SELECT id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len "
+    f"FROM audit_events WHERE id IN (SELECT row_id FROM {TABLE} WHERE seq > ?)"
+)
+
+
+def _check_path(db_path):
+    if not isinstance(db_path, str) or not db_path:
+        raise TypeError(f"db_path must be a non-empty str, not {db_path!r}")
+
+
+def _write(db_path, statements):
+    """Run `statements` in one IMMEDIATE transaction on an existing database with audit_events."""
+    _check_path(db_path)
+    uri = "file:" + db_path.replace("?", "%3f").replace("#", "%23") + "?mode=rw"  # never create a file
+    with contextlib.closing(sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)) as conn:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' "
+                            "AND name = 'audit_events'").fetchone()[0] != 1:
+                raise sqlite3.OperationalError(f"no such table: audit_events in {db_path!r}")
+            for sql in statements:
+                conn.execute(sql)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+def install(db_path="audit.db"):
+    """Add the change table and its three triggers to `db_path`; nothing else is touched.
+
+    Idempotent, one transaction. Costs each write to audit_events one more row insert (and a
+    prune that deletes at most one old entry), measured in bench/live_writes.py.
+    """
+    _write(db_path, _SCHEMA)
+
+
+def uninstall(db_path="audit.db"):
+    """Remove the triggers and the change table. Idempotent, one transaction."""
+    _write(db_path, [f"DROP TRIGGER IF EXISTS {name}" for name in _TRIGGERS] + [f"DROP TABLE IF EXISTS {TABLE}"])
+
+
+def installed(conn):
+    """True when the table and all three triggers are there (a half install counts as none)."""
+    return conn.execute(_INSTALLED).fetchone()[0] == 1 + len(_TRIGGERS)
+
+
+def read_changes(conn, since):
+    """Inside the caller's read transaction: (newest seq, [(row id, old created_at, current row or None)]).
+
+    Returns None when entries after `since` were pruned (or the log restarted): the reader has
+    fallen behind what is kept and must rebuild in full.
+    """
+    lowest, newest = conn.execute(f"SELECT min(seq), max(seq) FROM {TABLE}").fetchone()
+    if newest is None or newest == since:
+        return since, []
+    if newest < since or lowest > since + 1:
+        return None
+    changes = conn.execute(_CHANGES, (since,)).fetchall()
+    rows = {row[0]: row for row in conn.execute(_CHANGED_ROWS, (since,))}
+    first = {}
+    for row_id, old_created_at in changes:  # the oldest hint of each id names the version we hold
+        if row_id not in first:
+            first[row_id] = old_created_at
+    return newest, [(row_id, hint, rows.get(row_id)) for row_id, hint in first.items()]
