@@ -305,7 +305,11 @@ class EnhancedAuditLogService:
                 if now == view.stamp:
                     return view
                 if now == self._stale:
-                    return None  # fast path: already known stale at this very state
+                    # fast path: already known stale at this very state; see that a rebuild is coming
+                    if self._rebuilder is None and time.monotonic() >= self._not_before:
+                        with self._lock:
+                            self._start_rebuild()
+                    return None
             elif self._io.file_id(self._db_path) == view.stamp[0] and self._data_version() == view.stamp[1]:
                 return view
         except OSError as exc:
@@ -446,6 +450,7 @@ class EnhancedAuditLogService:
                 else:
                     self._stale = None
         except Exception:  # the next request retries; it raises the error itself if it persists
+            stale = True
             log.debug("background rebuild failed", exc_info=True)
         finally:
             with self._lock:
@@ -488,7 +493,9 @@ class EnhancedAuditLogService:
         try:
             try:
                 rows, seq, schema, stamp = self._read_all(conn, fd, wal)
-            except _Retry:  # the log moved on too fast for the chunks: one transaction instead
+            except _Retry as retry:
+                if publish_lock is not None and not retry.logged:
+                    raise  # background, no log: try again after the backoff, never hold writers up
                 rows, seq, schema, stamp = self._read_all(conn, fd, wal, chunked=False)
         finally:
             conn.close()
@@ -505,19 +512,19 @@ class EnhancedAuditLogService:
     def _read_all(self, conn, fd, wal, chunked=True):
         """(rows in order, change-log seq or None, schema_version, change counter) of one state.
 
-        WAL: one read transaction (it does not block writers). Rollback journal: with the change
-        log, in chunks of _CHUNK rows, each its own transaction so writers wait for one chunk at
-        most, then the rows changed meanwhile are read again; without it, one transaction.
+        WAL: one read transaction (it does not block writers). Rollback journal: in chunks of
+        _CHUNK rows, each its own transaction, so a writer waits for one chunk at most. With the
+        change log, the rows changed meanwhile are then read again; without it, the read counts
+        only if the change counter did not move (raises _Retry otherwise).
         """
         conn.execute("BEGIN")
         try:
             schema = conn.execute("PRAGMA schema_version").fetchone()[0]
             logged = changelog.installed(conn)
             seq = conn.execute(f"SELECT coalesce(max(seq), 0) FROM {changelog.TABLE}").fetchone()[0] if logged else None
-            if wal or not logged or not chunked:
-                rows = conn.execute(SELECT_ALL).fetchall()
-                counter = None if wal else read_at(fd, _COUNTER_LEN, _COUNTER_AT)
-                return rows, seq, schema, counter
+            counter = None if wal else read_at(fd, _COUNTER_LEN, _COUNTER_AT)
+            if wal or not chunked:
+                return conn.execute(SELECT_ALL).fetchall(), seq, schema, counter
         finally:
             conn.execute("COMMIT")
         by_id = {}
@@ -531,10 +538,14 @@ class EnhancedAuditLogService:
         conn.execute("BEGIN")
         try:
             if conn.execute("PRAGMA schema_version").fetchone()[0] != schema:
-                raise _Retry()
+                raise _Retry(logged)
+            if not logged:
+                if read_at(fd, _COUNTER_LEN, _COUNTER_AT) != counter:
+                    raise _Retry(logged)  # a commit landed between the chunks
+                return sorted(by_id.values(), key=_order_key), seq, schema, counter
             got = changelog.read_changes(conn, seq)
             if got is None:
-                raise _Retry()
+                raise _Retry(logged)
             seq, changes = got
             for row_id, _, row in changes:
                 if row is None:
@@ -619,7 +630,11 @@ class EnhancedAuditLogService:
 
 
 class _Retry(Exception):
-    """A chunked read saw the schema change or fell behind the log: read again."""
+    """A chunked read saw a commit it cannot account for: read again (`logged`: with a change log)."""
+
+    def __init__(self, logged):
+        super().__init__(logged)
+        self.logged = logged
 
 
 class _NoLockType:
