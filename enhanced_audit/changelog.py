@@ -13,23 +13,27 @@ _TRIGGERS = ("audit_events_changes_insert", "audit_events_changes_update", "audi
 # so seq only grows (no AUTOINCREMENT: it would cost writers a sqlite_sequence update each).
 # old_created_at: the changed row's created_at before the change, so a reader finds its old
 # version in O(log n); NULL for an insert.
-_PRUNE = f"DELETE FROM {TABLE} WHERE seq <= (SELECT max(seq) FROM {TABLE}) - {KEEP};"
-_SCHEMA = (
-    f"CREATE TABLE IF NOT EXISTS {TABLE} (seq INTEGER PRIMARY KEY, row_id INTEGER NOT NULL, old_created_at INTEGER)",
-    f"""CREATE TRIGGER IF NOT EXISTS {_TRIGGERS[0]} AFTER INSERT ON audit_events BEGIN
+
+def _schema(keep):
+    prune = f"DELETE FROM {TABLE} WHERE seq <= (SELECT max(seq) FROM {TABLE}) - {int(keep)};"
+    return (
+        f"CREATE TABLE IF NOT EXISTS {TABLE} (seq INTEGER PRIMARY KEY, row_id INTEGER NOT NULL, old_created_at INTEGER)",
+        f"""CREATE TRIGGER IF NOT EXISTS {_TRIGGERS[0]} AFTER INSERT ON audit_events BEGIN
     INSERT INTO {TABLE} (row_id, old_created_at) VALUES (NEW.id, NULL);
-    {_PRUNE}
+    {prune}
 END""",
-    f"""CREATE TRIGGER IF NOT EXISTS {_TRIGGERS[1]} AFTER UPDATE ON audit_events BEGIN
+        f"""CREATE TRIGGER IF NOT EXISTS {_TRIGGERS[1]} AFTER UPDATE ON audit_events BEGIN
     INSERT INTO {TABLE} (row_id, old_created_at) VALUES (OLD.id, OLD.created_at);
     INSERT INTO {TABLE} (row_id, old_created_at) SELECT NEW.id, NULL WHERE NEW.id IS NOT OLD.id;
-    {_PRUNE}
+    {prune}
 END""",
-    f"""CREATE TRIGGER IF NOT EXISTS {_TRIGGERS[2]} AFTER DELETE ON audit_events BEGIN
+        f"""CREATE TRIGGER IF NOT EXISTS {_TRIGGERS[2]} AFTER DELETE ON audit_events BEGIN
     INSERT INTO {TABLE} (row_id, old_created_at) VALUES (OLD.id, OLD.created_at);
-    {_PRUNE}
+    {prune}
 END""",
-)
+    )
+
+
 _INSTALLED = (f"SELECT count(*) FROM sqlite_master WHERE (type = 'table' AND name = '{TABLE}') "
               f"OR (type = 'trigger' AND tbl_name = 'audit_events' AND name IN {_TRIGGERS!r})")
 _CHANGES = f"SELECT row_id, old_created_at FROM {TABLE} WHERE seq > ? ORDER BY seq"
@@ -62,13 +66,16 @@ def _write(db_path, statements):
         conn.execute("COMMIT")
 
 
-def install(db_path="audit.db"):
+def install(db_path="audit.db", keep=KEEP):
     """Add the change table and its three triggers to `db_path`; nothing else is touched.
 
-    Idempotent, one transaction. Costs each write to audit_events one more row insert (and a
-    prune that deletes at most one old entry), measured in bench/live_writes.py.
+    Idempotent, one transaction (an existing install keeps its bound). Each write to audit_events
+    costs one more row insert and a prune that deletes at most one old entry: ~2 us of CPU a row,
+    measured by bench/changelog_cost.py. `keep`: entries kept (tests use a small one).
     """
-    _write(db_path, _SCHEMA)
+    if type(keep) is not int or keep < 1:
+        raise ValueError(f"keep must be a positive int, got {keep!r}")
+    _write(db_path, _schema(keep))
 
 
 def uninstall(db_path="audit.db"):
