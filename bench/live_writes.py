@@ -1,0 +1,298 @@
+"""Readers through runner.run while another process writes: baseline, enhanced with and without the change log."""
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+
+from common import ROOT, emit_json, table
+
+import audit_log_service as baseline
+import enhanced_audit_log_service as enhanced
+import runner
+from tests.support import baseline_paths, timed
+
+LIVE = os.path.join(ROOT, "data", "live")
+SIZES = {"50k": 50_000, "500k": 500_000}
+MODES = {"rollback": "DELETE", "wal": "WAL"}
+WRITERS = ("none", "rate1", "rate10", "rate100", "batch100", "retention")
+IMPLS = ("baseline", "enhanced+log", "enhanced")
+PATTERNS = {"rate1": (1, 1), "rate10": (10, 1), "rate100": (100, 1), "batch100": (10, 100), "retention": (10, 1)}
+
+
+# -- the writer: its own process, writing the way a real writer does ----------------------------
+
+def writer_main(db, payloads, pattern, stop_file):
+    """Append each payload line, then insert its row in one transaction, on an absolute schedule."""
+    rate, per_commit = PATTERNS[pattern]
+    rng = random.Random(os.getpid())
+    commit_ms, retention_ms = [], None
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None, timeout=60)) as conn, \
+            open(payloads, "ab") as out:
+        if pattern == "retention":  # the oldest 1% in one transaction, then ordinary traffic
+            n = conn.execute("SELECT count(*) FROM audit_events").fetchone()[0]
+            t0 = time.perf_counter()
+            conn.execute("DELETE FROM audit_events WHERE id IN "
+                         "(SELECT id FROM audit_events ORDER BY created_at, id LIMIT ?)", (n // 100,))
+            retention_ms = (time.perf_counter() - t0) * 1000
+        start = time.monotonic()
+        k = 0
+        while not os.path.exists(stop_file):
+            wait = start + k / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(min(wait, 0.05))
+                continue
+            rows = []
+            for _ in range(per_commit):
+                line = (json.dumps({"note": "x" * rng.randint(256, 1024), "live": True}) + "\n").encode()
+                offset = out.seek(0, os.SEEK_END)
+                out.write(line)
+                rows.append((int(time.time()), rng.randint(1, 2000), rng.choice(baseline._ACTIONS), "ORDER",
+                             f"ORDER-{rng.randint(1, 5_000_000)}", offset, len(line)))
+            out.flush()  # the payload is on disk before its row is committed
+            t0 = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(baseline._INSERT, rows)
+            conn.execute("COMMIT")
+            commit_ms.append((time.perf_counter() - t0) * 1000)
+            k += 1
+        seconds = time.monotonic() - start
+    ordered = sorted(commit_ms)
+    print(json.dumps({"commits": len(commit_ms), "commits_per_s": len(commit_ms) / seconds,
+                      "commit_p50_ms": runner._percentile(ordered, 0.5),
+                      "commit_p99_ms": runner._percentile(ordered, 0.99), "retention_ms": retention_ms}))
+
+
+@contextlib.contextmanager
+def writer(data_dir, pattern):
+    """A writer process for the duration; yields a dict filled with its report when it stops."""
+    report = {}
+    if pattern == "none":
+        yield report
+        return
+    stop = os.path.join(data_dir, "stop")
+    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--writer", pattern,
+                              os.path.join(data_dir, "audit.db"), os.path.join(data_dir, "payloads.jsonl"), stop],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # the writer is up and committing before readers are timed
+        yield report
+    finally:
+        open(stop, "w").close()
+        out, _ = child.communicate(timeout=120)
+        if child.returncode != 0:
+            print(f"ERROR: writer {pattern} exited with {child.returncode}", file=sys.stderr)
+            sys.exit(1)
+        report.update(json.loads(out.strip().splitlines()[-1]))
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def seed(size):
+    """(db, payloads) of the seed pair for `size`, drawn by the baseline's own init() once."""
+    if size == "50k":
+        baseline.init()
+        return os.path.join(ROOT, baseline.DB_PATH), os.path.join(ROOT, baseline.PAYLOAD_FILE)
+    folder = os.path.join(LIVE, f"seed{size}")
+    db, payloads = os.path.join(folder, "audit.db"), os.path.join(folder, "payloads.jsonl")
+    if not os.path.exists(os.path.join(folder, "done")):
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        saved = baseline.SEED_ROWS, baseline._initialized, baseline._rng.getstate()
+        baseline.SEED_ROWS, baseline._initialized = SIZES[size], False
+        baseline._rng.seed(1337)
+        try:
+            with baseline_paths(db, payloads):
+                baseline.init()
+        finally:
+            baseline.SEED_ROWS, baseline._initialized = saved[:2]
+            baseline._rng.setstate(saved[2])
+        open(os.path.join(folder, "done"), "w").close()
+    return db, payloads
+
+
+def fresh_copy(size, mode, logged):
+    """A scratch copy of the seed pair in the journal mode, with the change log if asked."""
+    db, payloads = seed(size)
+    folder = os.path.join(LIVE, "run")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    shutil.copyfile(db, os.path.join(folder, "audit.db"))
+    shutil.copyfile(payloads, os.path.join(folder, "payloads.jsonl"))
+    with contextlib.closing(sqlite3.connect(os.path.join(folder, "audit.db"))) as conn:
+        conn.execute(f"PRAGMA journal_mode={MODES[mode]}")
+    if logged:
+        enhanced.install_change_log(os.path.join(folder, "audit.db"))
+    return folder
+
+
+# -- readers ------------------------------------------------------------------------------------
+
+def read_for(load_fn, seconds, concurrency):
+    """runner.run in back-to-back batches until `seconds` have passed: throughput can change 100x
+    during a run (a stale index answered by SQLite), so a fixed request count cannot be chosen."""
+    latencies, wall, batch = [], 0.0, 100
+    while wall < seconds:
+        t0 = time.perf_counter()
+        _, got = runner.run(load_fn, 0, batch, concurrency)
+        took = time.perf_counter() - t0
+        wall += took
+        latencies += got
+        batch = max(50, min(20_000, int(batch / took * 0.5)))  # about half a second a batch
+    ordered = sorted(latencies)
+    pct = runner._percentile
+    return {"requests": len(ordered), "rps": len(ordered) / wall, "p50_ms": pct(ordered, 0.5),
+            "p99_ms": pct(ordered, 0.99), "p999_ms": pct(ordered, 0.999), "max_ms": ordered[-1]}
+
+
+def measure(size, mode, pattern, impl, seconds, concurrency):
+    folder = fresh_copy(size, mode, impl == "enhanced+log")
+    db, payloads = os.path.join(folder, "audit.db"), os.path.join(folder, "payloads.jsonl")
+    row = {"size": size, "mode": mode, "writer": pattern, "impl": impl}
+    try:
+        with baseline_paths(db, payloads):
+            if impl == "baseline":
+                baseline.init()
+                for _ in range(5):
+                    baseline.handle_request()  # warm the page cache like the service's init does
+                with writer(folder, pattern) as report:
+                    row.update(read_for(timed(baseline.handle_request), seconds, concurrency))
+            else:
+                with enhanced.EnhancedAuditLogService(db, payloads) as service:
+                    for _ in range(200):
+                        service.handle_request()
+                    before = service.stats()
+                    with writer(folder, pattern) as report:
+                        row.update(read_for(timed(service.handle_request), seconds, concurrency))
+                    after = service.stats()
+                stats = {k: after[k] - before[k] for k in after}
+                row.update(refreshes=stats["refreshes"], rebuilds=stats["full_rebuilds"],
+                           fallbacks=stats["fallback_answers"],
+                           refresh_us=stats["refresh_seconds"] / stats["refreshes"] * 1e6 if stats["refreshes"] else 0.0)
+        row.update(report)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return row
+
+
+def writer_alone(size, seconds):
+    """WAL: the writer's commit p99 with no readers, the reference for its p99 under readers."""
+    folder = fresh_copy(size, "wal", True)
+    try:
+        with writer(folder, "rate100") as report:
+            time.sleep(seconds)
+        return report
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- the targets of the issue -------------------------------------------------------------------
+
+def summarize(rows, alone):
+    by = {(r["size"], r["mode"], r["writer"], r["impl"]): r for r in rows}
+    checks = []
+
+    def check(name, value, limit, ok):
+        checks.append({"target": name, "value": value, "limit": limit, "met": ok})
+
+    for (size, mode, pattern, impl), r in sorted(by.items()):
+        none = by.get((size, mode, "none", impl))
+        if none is None or pattern == "none":
+            continue
+        r["rps_x"], r["p99_x"], r["p999_x"] = r["rps"] / none["rps"], r["p99_ms"] / none["p99_ms"], \
+            r["p999_ms"] / none["p999_ms"]
+        if impl == "enhanced+log" and pattern in ("rate1", "rate10", "rate100"):
+            tag = f"{size} {mode} {pattern} with log:"
+            check(f"{tag} rps / no writer", r["rps_x"], ">= 0.8", r["rps_x"] >= 0.8)
+            check(f"{tag} p99 / no writer", r["p99_x"], "<= 2", r["p99_x"] <= 2)
+            check(f"{tag} p99.9 / no writer", r["p999_x"], "<= 3", r["p999_x"] <= 3)
+        base = by.get((size, mode, pattern, "baseline"))
+        if impl == "enhanced" and pattern in ("rate10", "rate100") and base:
+            tag = f"{size} {mode} {pattern} no log:"
+            check(f"{tag} rps / baseline rps", r["rps"] / base["rps"], ">= 1", r["rps"] >= base["rps"])
+            check(f"{tag} p99 / baseline p99", r["p99_ms"] / base["p99_ms"], "<= 1", r["p99_ms"] <= base["p99_ms"])
+    for mode in MODES:
+        small, large = by.get(("50k", mode, "rate10", "enhanced+log")), by.get(("500k", mode, "rate10", "enhanced+log"))
+        if small and large and small["refresh_us"]:
+            ratio = large["refresh_us"] / small["refresh_us"]
+            check(f"{mode} refresh per single-row commit 500k / 50k", ratio, "<= 1.5", ratio <= 1.5)
+    for size in SIZES:
+        wal, rollback = by.get((size, "wal", "none", "enhanced")), by.get((size, "rollback", "none", "enhanced"))
+        if wal and rollback:
+            ratio = wal["rps"] / rollback["rps"]
+            check(f"{size} no writer: WAL rps / rollback rps", ratio, ">= 0.9", ratio >= 0.9)
+        loaded = by.get((size, "wal", "rate100", "enhanced+log"))
+        if loaded and alone.get(size):
+            ratio = loaded["commit_p99_ms"] / alone[size]["commit_p99_ms"]
+            check(f"{size} WAL writer commit p99 with readers / alone", ratio, "<= 2", ratio <= 2)
+    return checks
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--writer", nargs=4, metavar=("PATTERN", "DB", "PAYLOADS", "STOP_FILE"), help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", default="50k,500k")
+    parser.add_argument("--modes", default="rollback,wal")
+    parser.add_argument("--writers", default=",".join(WRITERS))
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--seconds", type=float, default=6.0, help="reader time per run")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 50k, 2 s, no writer and rate10")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.writer:
+        pattern, db, payloads, stop = args.writer
+        return writer_main(db, payloads, pattern, stop)
+    if args.quick:
+        args.sizes, args.writers, args.seconds = "50k", "none,rate10", 2.0
+    lists = {k: getattr(args, k).split(",") for k in ("sizes", "modes", "writers", "impls")}
+    for key, allowed in (("sizes", SIZES), ("modes", MODES), ("writers", WRITERS), ("impls", IMPLS)):
+        bad = [v for v in lists[key] if v not in allowed]
+        if bad:
+            print(f"ERROR: --{key}: unknown {bad}; choose from {list(allowed)}", file=sys.stderr)
+            return 2
+    random.seed(1)
+    rows, alone = [], {}
+    for size in lists["sizes"]:
+        for mode in lists["modes"]:
+            for pattern in lists["writers"]:
+                for impl in lists["impls"]:  # the implementations in turn, so drift hits all alike
+                    rows.append(measure(size, mode, pattern, impl, args.seconds, args.concurrency))
+                    print(f"  done: {size} {mode} {pattern} {impl}: {rows[-1]['rps']:.0f} rps", file=sys.stderr)
+        if "wal" in lists["modes"] and "rate100" in lists["writers"]:
+            alone[size] = writer_alone(size, args.seconds)
+    checks = summarize(rows, alone)
+    if args.json:
+        emit_json({"rows": rows, "writer_alone": alone, "targets": checks})
+        return 0
+    for r in rows:
+        for k in ("rps_x", "p99_x", "p999_x", "commits_per_s", "commit_p99_ms", "refresh_us"):
+            r.setdefault(k, float("nan"))
+        for k in ("rebuilds", "fallbacks"):
+            r.setdefault(k, "")
+    table(f"runner.run at concurrency {args.concurrency}, {args.seconds:g} s of requests a run; x: ratio to the "
+          "same size, mode and implementation with no writer, this invocation", rows, [
+              ("size", "size", 5, ""), ("mode", "mode", 9, ""), ("writer", "writer", 10, ""), ("impl", "impl", 13, ""),
+              ("rps", "rps", 8, ".0f"), ("p50_ms", "p50 ms", 8, ".2f"), ("p99_ms", "p99 ms", 9, ".2f"),
+              ("p999_ms", "p99.9 ms", 10, ".2f"), ("max_ms", "max ms", 9, ".1f"), ("rps_x", "rps x", 7, ".2f"),
+              ("p99_x", "p99 x", 7, ".2f"), ("p999_x", "p99.9 x", 8, ".2f"), ("commits_per_s", "commit/s", 9, ".1f"),
+              ("commit_p99_ms", "commit p99", 11, ".2f"), ("refresh_us", "refresh us", 11, ".0f"),
+              ("rebuilds", "rebuilds", 9, ""), ("fallbacks", "fallbacks", 10, "")])
+    for size, report in alone.items():
+        print(f"  {size} WAL writer alone at rate100: commit p99 {report['commit_p99_ms']:.2f} ms, "
+              f"{report['commits_per_s']:.1f} commits/s")
+    print("\ntargets (issue 11), ratios within this invocation:")
+    for c in checks:
+        print(f"  {'MET ' if c['met'] else 'MISS'} {c['target']}: {c['value']:.2f} (target {c['limit']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
