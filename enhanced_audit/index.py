@@ -182,6 +182,7 @@ class Delta:
         new.dead_all = self.dead_all
         new.dead_actor, new.dead_action, new.dead_pair = dict(self.dead_actor), dict(self.dead_action), dict(self.dead_pair)
         owned = set()  # (table, key) whose list is already this Delta's own copy
+        killed = {}  # (table, key) -> flat indices of base rows found dead in this batch
         for row_id, hint, row in changes:
             entry = new.live.pop(row_id, None)
             if entry is not None:
@@ -195,11 +196,17 @@ class Delta:
                     p = base.position_of(row_id)  # an insert at or below the base's max id
                 if p is not None:
                     new.dead[row_id] = p
-                    new._kill(base, p, owned)
+                    new._kill(base, p, killed)
             if row is not None:
                 entry = (~row[1], -row[0], row)
                 new.live[row_id] = entry
                 new._list(entry, owned)
+        for (tag, key), found in killed.items():  # one merge per group: a retention delete stays O(k log k)
+            if tag is None:
+                new.dead_all = _with_dead(new.dead_all, found)
+            else:
+                table, indices = found[0], found[1:]
+                table[key] = _with_dead(table.get(key, _EMPTY), indices)
         return new
 
     def _own(self, table, key, owned):
@@ -234,16 +241,16 @@ class Delta:
             if not lst and table is not None:
                 del table[key]
 
-    def _kill(self, base, p, owned):
-        """Mark base position p dead in the all-rows list and in each of its three groupings."""
-        self.dead_all = _with_dead(self.dead_all, p)
+    def _kill(self, base, p, killed):
+        """Note base position p as dead in the all-rows list and in each of its three groupings."""
+        killed.setdefault((None, None), []).append(p)
         code = base.action_codes[p]
         actor = base.actors[p]
         for table, groups, key in ((self.dead_actor, base.by_actor, actor), (self.dead_action, base.by_action, code),
                                    (self.dead_pair, base.by_pair, actor * _PAIR + code)):
             span = groups.spans[key]
             flat_index = bisect_left(groups.positions, p, span >> 32, span & 0xFFFFFFFF)
-            table[key] = _with_dead(table.get(key, _EMPTY), flat_index)
+            killed.setdefault((id(table), key), [table]).append(flat_index)
 
     def _check(self, base):
         """Assert the invariants: sorted lists, live rows listed once per grouping, dead rows in base."""
@@ -262,16 +269,10 @@ class Delta:
             assert list(dm) == sorted(set(dm)) and list(gap) == [d - i for i, d in enumerate(dm)]
 
 
-def _with_dead(pair, index):
-    """(dm, gap) with `index` added: a new pair, so a published Delta never changes."""
-    dm = list(pair[0])
-    k = bisect_left(dm, index)
-    if k < len(dm) and dm[k] == index:
-        return pair
-    dm.insert(k, index)
-    gap = list(pair[1][:k])
-    gap.extend(d - i for i, d in enumerate(dm[k:], k))
-    return dm, gap
+def _with_dead(pair, indices):
+    """(dm, gap) with `indices` added: a new pair, so a published Delta never changes. O(d + k log k)."""
+    dm = sorted(set(pair[0]).union(indices))
+    return dm, [d - i for i, d in enumerate(dm)]
 
 
 class View:

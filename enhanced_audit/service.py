@@ -42,7 +42,9 @@ _CHUNK = 20_000  # rows per read transaction in a chunked rebuild (rollback mode
 _COMPACT_AT = 1 / 16  # fold the delta into a new base once it holds this share of the rows...
 _COMPACT_MIN = 4096  # ...and at least this many
 _REBUILD_SHARE = 0.25  # background rebuilds use at most this share of the time (throttle)
-_BACKOFF_MAX = 30.0  # seconds: the longest wait between rebuilds that kept arriving stale
+_QUIET_GIVE_UP = 30.0  # seconds a rebuild thread waits for writes to pause before it gives up
+_BUSY_STEP = 0.0001  # seconds between two tries of a refresh that met a writer's lock...
+_BUSY_TIMEOUT = 5.0  # ...for at most this long (SQLite's own handler sleeps 1, 2, 5, 10 ms...)
 _WARN_EVERY = 300.0  # seconds between two "install the change log" warnings
 
 
@@ -85,7 +87,8 @@ class EnhancedAuditLogService:
         self._stale = None  # the stamp a stale view was last found unrecoverable at (skip retrying)
         self._rebuilder = None  # the background rebuild thread while one runs
         self._not_before = 0.0  # monotonic time before which no background rebuild starts
-        self._backoff = 0.0
+        self._build_seconds = 0.0  # how long the last full build took
+        self._unlogged_starts = 0  # background rebuilds started for want of a change log
         self._last_warning = None
         self._stats = dict.fromkeys(("refreshes", "changes_applied", "full_rebuilds", "background_rebuilds",
                                      "stale_rebuilds", "fallback_answers"), 0)
@@ -359,25 +362,12 @@ class EnhancedAuditLogService:
             fid = self._io.file_id(self._db_path)
         except OSError as exc:
             raise _missing_db(self._db_path, exc) from exc
-        if fid != view.stamp[0]:
-            return None  # another file at the path now: a full rebuild
+        if view.seq is None or fid != view.stamp[0]:
+            return None  # no change log when the view was taken (a rebuild finds one), or another file
         with self._conn_lock:
-            conn = self._connection(fid)
-            before = self._wal_stamp(view) if view.wal else None  # before BEGIN: never newer than the snapshot
-            conn.execute("BEGIN")
-            try:
-                if view.seq is None or conn.execute("PRAGMA schema_version").fetchone()[0] != view.schema:
-                    return None  # no change log, or the schema changed (log installed or removed)
-                got = changelog.read_changes(conn, view.seq)
-                if got is None:
-                    return None  # fallen behind what the log keeps
-                if not view.wal:
-                    header = read_at(view.db_fd, _WAL_BYTE + 1, 0)
-                    if len(header) <= _WAL_BYTE or header[_WAL_BYTE] == 2:
-                        return None  # switched to WAL: a full rebuild sets up the WAL probe
-                    before = read_at(view.db_fd, _COUNTER_LEN, _COUNTER_AT)  # our lock keeps it still
-            finally:
-                conn.execute("COMMIT")
+            got, before = _retry_busy(self._changes_since, self._connection(fid), view)
+        if got is None:
+            return None
         seq, changes = got
         if len(changes) > max(_COMPACT_MIN, view.base.n // 4):
             return None  # a rebuild is cheaper than this many changes
@@ -391,10 +381,27 @@ class EnhancedAuditLogService:
         return View(view.base, delta if len(delta) else None, ticket, (fid, before), view.probe, view.wal,
                     seq, view.schema, view.db_fd, view.shm_fd)
 
+    def _changes_since(self, conn, view):
+        """(read_changes result or None, stamp) from one read transaction on the kept connection."""
+        before = self._wal_stamp(view) if view.wal else None  # before BEGIN: never newer than the snapshot
+        conn.execute("BEGIN")
+        try:
+            if conn.execute("PRAGMA schema_version").fetchone()[0] != view.schema:
+                return None, None  # the log was installed or removed, or another schema change
+            got = changelog.read_changes(conn, view.seq)  # None: fallen behind what the log keeps
+            if got is not None and not view.wal:
+                header = read_at(view.db_fd, _WAL_BYTE + 1, 0)
+                if len(header) <= _WAL_BYTE or header[_WAL_BYTE] == 2:
+                    return None, None  # switched to WAL: a full rebuild sets up the WAL probe
+                before = read_at(view.db_fd, _COUNTER_LEN, _COUNTER_AT)  # our lock keeps it still
+            return got, before
+        finally:
+            conn.execute("COMMIT")
+
     def _wal_stamp(self, view):
         """The wal-index header (both copies), or the data_version where there is no -shm to read."""
         if view.shm_fd is None:
-            return self._connection(view.stamp[0]).execute("PRAGMA data_version").fetchone()[0]
+            return _retry_busy(_pragma, self._connection(view.stamp[0]), "data_version")
         header = read_at(view.shm_fd, _SHM_HEADER, 0)
         if header[:48] != header[48:]:
             return None  # caught mid-commit: a stamp that matches nothing, so the next request looks again
@@ -402,8 +409,8 @@ class EnhancedAuditLogService:
 
     def _data_version(self):
         with self._conn_lock:
-            return self._connection(self._view.stamp[0] if self._view else None).execute(
-                "PRAGMA data_version").fetchone()[0]
+            conn = self._connection(self._view.stamp[0] if self._view else None)
+            return _retry_busy(_pragma, conn, "data_version")
 
     # -- builds ------------------------------------------------------------------------------
 
@@ -413,51 +420,84 @@ class EnhancedAuditLogService:
         if self._rebuilder is not None or now < self._not_before:
             return
         if not compaction and self._view is not None and self._view.seq is None:
+            self._unlogged_starts += 1
             self._warn_if_frequent(now)
-        self._rebuilder = threading.Thread(target=self._rebuild_in_background, name="audit-index-rebuild",
-                                           daemon=True)
+        self._rebuilder = threading.Thread(target=self._rebuild_in_background, args=(compaction,),
+                                           name="audit-index-rebuild", daemon=True)
         self._rebuilder.start()
 
     def _warn_if_frequent(self, now):
-        if self._stats["background_rebuilds"] >= 3 and (
+        if self._unlogged_starts >= 3 and (
                 self._last_warning is None or now - self._last_warning > _WARN_EVERY):
             self._last_warning = now
             log.warning("%s keeps changing and has no change log: each change costs a full index rebuild "
                         "and requests are answered by SQLite meanwhile. Install it with: python3 "
                         "enhanced_audit_log_service.py install-change-log %s", self._db_path, self._db_path)
 
-    def _rebuild_in_background(self):
+    def _rebuild_in_background(self, compaction):
         started = time.monotonic()
-        stale = False
         try:
-            with self._lock:
-                if self._closed:
-                    return
-                previous = self._view
-            view = self._build(previous, publish_lock=self._lock)
-            with self._lock:
-                if self._closed:
-                    return
-                current = self._view
-                if view.seq is not None:  # changes logged while we read: applied before publishing
-                    view = self._refresh(view) or view
-                if current is None or view.ticket > current.ticket:
-                    self._view = view
-                self._stats["background_rebuilds"] += 1
-                stale = self._probe_now(self._view) != self._view.stamp
-                if stale:
-                    self._stats["stale_rebuilds"] += 1
-                else:
-                    self._stale = None
+            while True:
+                with self._lock:
+                    if self._closed:
+                        return
+                    previous = self._view
+                if not compaction and not self._wait_until_quiet(previous, started):
+                    return  # writes never paused for long enough; a later request starts another
+                try:
+                    view = self._build(previous, publish_lock=self._lock)
+                except _Retry:
+                    continue  # a commit landed between the chunks: wait for a pause again
+                self._publish(view)
+                return
         except Exception:  # the next request retries; it raises the error itself if it persists
-            stale = True
             log.debug("background rebuild failed", exc_info=True)
         finally:
             with self._lock:
                 took = time.monotonic() - started
-                self._backoff = min(_BACKOFF_MAX, max(took, self._backoff * 2)) if stale else 0.0
-                self._not_before = time.monotonic() + took * (1 / _REBUILD_SHARE - 1) + self._backoff
+                self._not_before = time.monotonic() + min(took, self._build_seconds * 2) * (1 / _REBUILD_SHARE - 1)
                 self._rebuilder = None
+
+    def _wait_until_quiet(self, previous, started):
+        """Without a change log, a rebuild that reads while commits land is stale when it is done:
+        wait until the stamp has stood still as long as a build takes. True to go ahead."""
+        conn = self._connect()
+        try:
+            if changelog.installed(conn):
+                return True  # the build catches up from the log: no need to wait
+        finally:
+            conn.close()
+        if previous is None or previous.probe is None:
+            return True
+        last, since = None, time.monotonic()
+        while time.monotonic() - started < _QUIET_GIVE_UP:
+            with self._lock:
+                if self._closed:
+                    return False
+            stamp = self._probe_now(previous)
+            now = time.monotonic()
+            if stamp != last:
+                last, since = stamp, now
+            elif now - since >= self._build_seconds:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def _publish(self, view):
+        """Publish a background build, caught up from the log first when there is one."""
+        with self._lock:
+            if self._closed:
+                return
+            current = self._view
+            if view.seq is not None:  # changes logged while we read: applied before publishing
+                view = self._refresh(view) or view
+            if current is None or view.ticket > current.ticket:
+                self._view = view
+            self._stats["background_rebuilds"] += 1
+            if self._probe_now(self._view) != self._view.stamp:
+                self._stats["stale_rebuilds"] += 1
+            else:
+                self._stale = None
 
     def _build(self, previous, publish_lock=None):
         """A new view from a full read of the database. Never half-built.
@@ -466,6 +506,7 @@ class EnhancedAuditLogService:
         taken only for the short steps that touch shared state.
         """
         ticket = next(self._tickets)
+        build_started = time.monotonic()
         guard = publish_lock or _NoLock
         with guard:
             if publish_lock is not None and self._closed:
@@ -481,7 +522,7 @@ class EnhancedAuditLogService:
         if wal:
             with self._conn_lock:
                 # the kept connection holds the WAL open from here on (see _connection)
-                self._connection(fid).execute("PRAGMA schema_version").fetchone()
+                _retry_busy(_pragma, self._connection(fid), "schema_version")
             if self._io.pread is not None:
                 with guard:
                     if publish_lock is not None and self._closed:
@@ -507,6 +548,7 @@ class EnhancedAuditLogService:
         base = Index(rows)
         with guard:
             self._stats["full_rebuilds"] += 1
+            self._build_seconds = time.monotonic() - build_started
         return View(base, None, ticket, (fid, stamp), probe, wal, seq, schema, fd, shm_fd)
 
     def _read_all(self, conn, fd, wal, chunked=True):
@@ -534,6 +576,8 @@ class EnhancedAuditLogService:
                 by_id[row[0]] = row
             if len(chunk) < _CHUNK:
                 break
+            if not logged and read_at(fd, _COUNTER_LEN, _COUNTER_AT) != counter:
+                raise _Retry(logged)  # a commit landed: this read can no longer count
             chunk = conn.execute(_NEXT_CHUNK, (chunk[-1][0], _CHUNK)).fetchall()
         conn.execute("BEGIN")
         try:
@@ -577,12 +621,13 @@ class EnhancedAuditLogService:
             self._conn.close()
             self._conn = None
         if self._conn is None:
-            self._conn, self._conn_fid = self._connect(), fid
+            self._conn, self._conn_fid = self._connect(timeout=0), fid
         return self._conn
 
-    def _connect(self):
+    def _connect(self, timeout=5.0):
+        """A read-only connection; 5 s is sqlite3's (and so the baseline's) busy timeout."""
         uri = "file:" + quote(os.path.abspath(self._db_path)) + "?mode=ro"
-        return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=timeout)
 
     def _open_same(self, path, current):
         """(file id, descriptor) for the file now at `path`, reusing `current` if it is that file.
@@ -627,6 +672,23 @@ class EnhancedAuditLogService:
             self._handles.append(f)
         self._local.payload = (fid, partial(seek_read, f))
         return self._local.payload[1]
+
+
+def _retry_busy(fn, *args):
+    """fn(*args), tried again every _BUSY_STEP while a writer's lock makes SQLite answer "busy"."""
+    deadline = time.monotonic() + _BUSY_TIMEOUT
+    while True:
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                raise
+        time.sleep(_BUSY_STEP)
+
+
+def _pragma(conn, name):
+    return conn.execute(f"PRAGMA {name}").fetchone()[0]
 
 
 class _Retry(Exception):

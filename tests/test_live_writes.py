@@ -190,6 +190,21 @@ class WithoutChangeLog(LiveCase):
         self._run("WAL")
 
 
+class RebuildWarning(unittest.TestCase):
+    def test_frequent_rebuilds_name_the_install_command(self):
+        with DataCopy(rows=300) as data, enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+            writer = Writer(data, random.Random(9))
+            with self.assertLogs("enhanced_audit_log_service", "WARNING") as logs:
+                deadline = time.monotonic() + 20
+                while not logs.records and time.monotonic() < deadline:
+                    writer.commit_one("insert newest")
+                    service.execute(Query(0, 2 ** 40, None, None, 1, 10))
+                    time.sleep(0.02)
+            writer.close()
+        self.assertEqual(len(logs.records), 1)
+        self.assertIn(f"install-change-log {data.db}", logs.output[0])
+
+
 class ConcurrentReaders(unittest.TestCase):
     def test_no_answer_older_than_its_request(self):
         # each commit inserts the newest event; a request that starts after the commit returned
