@@ -36,11 +36,18 @@ END""",
 
 _INSTALLED = (f"SELECT count(*) FROM sqlite_master WHERE (type = 'table' AND name = '{TABLE}') "
               f"OR (type = 'trigger' AND tbl_name = 'audit_events' AND name IN {_TRIGGERS!r})")
-_CHANGES = f"SELECT row_id, old_created_at FROM {TABLE} WHERE seq > ? ORDER BY seq"
-_CHANGED_ROWS = (
-    "SELECT id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len "
-    f"FROM audit_events WHERE id IN (SELECT row_id FROM {TABLE} WHERE seq > ?)"
-)
+# One statement, so one snapshot with no BEGIN/COMMIT: a header row (kind 0: schema_version, the
+# oldest and newest seq), then each change after `since` with the changed row as it is now (NULL
+# columns when it is gone). Every sqlite3 step gives up the GIL, and under load getting it back can
+# take a whole switch interval, so a refresh makes as few steps as it can.
+_READ = f"""
+SELECT 0, (SELECT schema_version FROM pragma_schema_version), min(seq), max(seq),
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM {TABLE}
+UNION ALL
+SELECT 1, c.seq, c.row_id, c.old_created_at, e.id, e.created_at, e.actor_id, e.action, e.resource_type,
+       e.resource_id, e.payload_offset, e.payload_len
+FROM {TABLE} AS c LEFT JOIN audit_events AS e ON e.id = c.row_id WHERE c.seq > ?
+"""
 
 
 def _check_path(db_path):
@@ -89,20 +96,24 @@ def installed(conn):
 
 
 def read_changes(conn, since):
-    """Inside the caller's read transaction: (newest seq, [(row id, old created_at, current row or None)]).
+    """(schema_version, newest seq, [(row id, old created_at, current row or None)]) of one snapshot.
 
-    Returns None when entries after `since` were pruned (or the log restarted): the reader has
-    fallen behind what is kept and must rebuild in full.
+    The newest seq is None when entries after `since` were pruned (or the log restarted): the
+    reader has fallen behind what is kept and must rebuild in full. O(changes) rows read.
     """
-    lowest, newest = conn.execute(f"SELECT min(seq), max(seq) FROM {TABLE}").fetchone()
+    rows = conn.execute(_READ, (since,)).fetchall()
+    rows.sort(key=_kind_then_seq)
+    _, schema, lowest, newest = rows[0][:4]
     if newest is None or newest == since:
-        return since, []
+        return schema, since, []
     if newest < since or lowest > since + 1:
-        return None
-    changes = conn.execute(_CHANGES, (since,)).fetchall()
-    rows = {row[0]: row for row in conn.execute(_CHANGED_ROWS, (since,))}
+        return schema, None, None
     first = {}
-    for row_id, old_created_at in changes:  # the oldest hint of each id names the version we hold
-        if row_id not in first:
-            first[row_id] = old_created_at
-    return newest, [(row_id, hint, rows.get(row_id)) for row_id, hint in first.items()]
+    for row in rows[1:]:  # by seq: the oldest hint of each id names the version we hold
+        if row[2] not in first:
+            first[row[2]] = (row[3], row[4:] if row[4] is not None else None)
+    return schema, newest, [(row_id, hint, current) for row_id, (hint, current) in first.items()]
+
+
+def _kind_then_seq(row):
+    return row[0], row[1]

@@ -382,21 +382,24 @@ class EnhancedAuditLogService:
                     seq, view.schema, view.db_fd, view.shm_fd)
 
     def _changes_since(self, conn, view):
-        """(read_changes result or None, stamp) from one read transaction on the kept connection."""
-        before = self._wal_stamp(view) if view.wal else None  # before BEGIN: never newer than the snapshot
-        conn.execute("BEGIN")
+        """(changes since the view, stamp) from one statement on the kept connection; (None, None)
+        when only a rebuild can catch up. The stamp is read first, so it is never newer than the data."""
+        if view.wal:
+            before = self._wal_stamp(view)
+        else:
+            header = read_at(view.db_fd, _COUNTER_AT + _COUNTER_LEN, 0)
+            if len(header) < _COUNTER_AT + _COUNTER_LEN or header[_WAL_BYTE] == 2:
+                return None, None  # switched to WAL: a full rebuild sets up the WAL probe
+            before = header[_COUNTER_AT:]
         try:
-            if conn.execute("PRAGMA schema_version").fetchone()[0] != view.schema:
-                return None, None  # the log was installed or removed, or another schema change
-            got = changelog.read_changes(conn, view.seq)  # None: fallen behind what the log keeps
-            if got is not None and not view.wal:
-                header = read_at(view.db_fd, _WAL_BYTE + 1, 0)
-                if len(header) <= _WAL_BYTE or header[_WAL_BYTE] == 2:
-                    return None, None  # switched to WAL: a full rebuild sets up the WAL probe
-                before = read_at(view.db_fd, _COUNTER_LEN, _COUNTER_AT)  # our lock keeps it still
-            return got, before
-        finally:
-            conn.execute("COMMIT")
+            schema, seq, changes = changelog.read_changes(conn, view.seq)
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None, None  # the log was removed
+            raise
+        if schema != view.schema or seq is None:
+            return None, None  # a schema change (the log reinstalled, say), or fallen behind the log
+        return (seq, changes), before
 
     def _wal_stamp(self, view):
         """The wal-index header (both copies), or the data_version where there is no -shm to read."""
@@ -581,16 +584,14 @@ class EnhancedAuditLogService:
             chunk = conn.execute(_NEXT_CHUNK, (chunk[-1][0], _CHUNK)).fetchall()
         conn.execute("BEGIN")
         try:
-            if conn.execute("PRAGMA schema_version").fetchone()[0] != schema:
-                raise _Retry(logged)
             if not logged:
-                if read_at(fd, _COUNTER_LEN, _COUNTER_AT) != counter:
+                if (read_at(fd, _COUNTER_LEN, _COUNTER_AT) != counter
+                        or _pragma(conn, "schema_version") != schema):
                     raise _Retry(logged)  # a commit landed between the chunks
                 return sorted(by_id.values(), key=_order_key), seq, schema, counter
-            got = changelog.read_changes(conn, seq)
-            if got is None:
+            now_schema, seq, changes = changelog.read_changes(conn, seq)
+            if now_schema != schema or seq is None:
                 raise _Retry(logged)
-            seq, changes = got
             for row_id, _, row in changes:
                 if row is None:
                     by_id.pop(row_id, None)
