@@ -203,44 +203,25 @@ class EnhancedAuditLogService:
         return cursor.decode(self._cursor_key, text, filters)
 
     def _events(self, view, items):
-        """One positioned read and one json.loads per item, during this call. O(k).
+        """One positioned read and one json.loads per item, during this call, in order. O(k).
 
         Items are base positions (int) or delta entries (~created_at, -id, row).
         """
         base = view.base
         read = partial(read_like_baseline, self._payload_path) if base.odd else self._payload_reader()
-        loads = json.loads
-        ids, inv, actors = base.ids, base.inv_created, base.actors
-        acodes, tcodes, strings = base.action_codes, base.type_codes, base.strings
-        rid_text, rid_starts, offsets, lengths = base.rid_text, base.rid_starts, base.offsets, base.lengths
         if view.delta is None:
-            # fast path: every item is a base position
-            return [
-                {
-                    "id": ids[p],
-                    "created_at": ~inv[p],
-                    "actor_id": actors[p],
-                    "action": strings[acodes[p]],
-                    "resource_type": strings[tcodes[p]],
-                    "resource_id": rid_text[rid_starts[p]:rid_starts[p + 1]],
-                    "payload": loads(read(lengths[p], offsets[p])),
-                }
-                for p in items
-            ]
-        events = []
-        for p in items:
-            if type(p) is int:
-                events.append({
-                    "id": ids[p],
-                    "created_at": ~inv[p],
-                    "actor_id": actors[p],
-                    "action": strings[acodes[p]],
-                    "resource_type": strings[tcodes[p]],
-                    "resource_id": rid_text[rid_starts[p]:rid_starts[p + 1]],
-                    "payload": loads(read(lengths[p], offsets[p])),
-                })
-            else:
-                events.append(self._event(p[2], read))
+            return _base_events(base, items, read)  # fast path: every item is a base position
+        events, run = [], []
+        for item in items:  # runs of base positions, delta rows one by one: reads stay in order
+            if type(item) is int:
+                run.append(item)
+                continue
+            if run:
+                events += _base_events(base, run, read)
+                run = []
+            events.append(self._event(item[2], read))
+        if run:
+            events += _base_events(base, run, read)
         return events
 
     def _event(self, row, read):
@@ -673,6 +654,26 @@ class EnhancedAuditLogService:
             self._handles.append(f)
         self._local.payload = (fid, partial(seek_read, f))
         return self._local.payload[1]
+
+
+def _base_events(base, positions, read):
+    """The baseline's event dicts for base positions, payloads read and decoded in order."""
+    loads = json.loads
+    ids, inv, actors = base.ids, base.inv_created, base.actors
+    acodes, tcodes, strings = base.action_codes, base.type_codes, base.strings
+    rid_text, rid_starts, offsets, lengths = base.rid_text, base.rid_starts, base.offsets, base.lengths
+    return [
+        {
+            "id": ids[p],
+            "created_at": ~inv[p],
+            "actor_id": actors[p],
+            "action": strings[acodes[p]],
+            "resource_type": strings[tcodes[p]],
+            "resource_id": rid_text[rid_starts[p]:rid_starts[p + 1]],
+            "payload": loads(read(lengths[p], offsets[p])),
+        }
+        for p in positions
+    ]
 
 
 def _retry_busy(fn, *args):
