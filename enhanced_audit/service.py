@@ -444,13 +444,10 @@ class EnhancedAuditLogService:
 
     def _wait_until_quiet(self, previous, started):
         """Without a change log, a rebuild that reads while commits land is stale when it is done:
-        wait until the stamp has stood still as long as a build takes. True to go ahead."""
-        conn = self._connect()
-        try:
-            if changelog.installed(conn):
-                return True  # the build catches up from the log: no need to wait
-        finally:
-            conn.close()
+        wait until the stamp has stood still as long as a build takes. True to go ahead.
+
+        Each move of the stamp is a commit, which may be the log's installation: looked for then.
+        """
         if previous is None or previous.probe is None:
             return True
         last, since = None, time.monotonic()
@@ -461,11 +458,20 @@ class EnhancedAuditLogService:
             stamp = self._probe_now(previous)
             now = time.monotonic()
             if stamp != last:
+                if self._log_installed():
+                    return True  # the build catches up from the log: no need to wait
                 last, since = stamp, now
             elif now - since >= self._build_seconds:
                 return True
             time.sleep(0.01)
         return False
+
+    def _log_installed(self):
+        conn = self._connect()
+        try:
+            return changelog.installed(conn)
+        finally:
+            conn.close()
 
     def _publish(self, view):
         """Publish a background build, caught up from the log first when there is one."""

@@ -201,9 +201,11 @@ def append_events(db_path, payload_path, events):
 
 def replace_db_with_fewer_rows(db_path):
     """Put a new file (new inode) at `db_path` the way tools do it, write aside then rename: a copy
-    without the even ids."""
+    without the even ids. A WAL database is checkpointed (TRUNCATE) first: the new file inherits
+    the old -wal and -shm by name, and SQLite would replay the old file's frames onto it."""
     aside = db_path + ".new"
     with contextlib.closing(sqlite3.connect(db_path)) as src, contextlib.closing(sqlite3.connect(aside)) as dst:
+        src.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a no-op in rollback-journal mode
         src.backup(dst)
         with dst:
             dst.execute("DELETE FROM audit_events WHERE id % 2 = 0")
