@@ -8,9 +8,12 @@ import hmac
 import re
 import struct
 
-# version, created_at, id, filter fingerprint, then a truncated HMAC-SHA256 tag
+# version, created_at, id, filter fingerprint, then a truncated HMAC-SHA256 tag. Version 2 holds a
+# REAL created_at (SQLite keeps a non-integral REAL under INTEGER affinity); both are 25 bytes.
 _CURSOR = struct.Struct(">BqqQ")
 _VERSION = 1
+_CURSOR_REAL = struct.Struct(">BdqQ")
+_VERSION_REAL = 2
 _TAG = 16
 _CHARS = len(base64.urlsafe_b64encode(bytes(_CURSOR.size + _TAG)).rstrip(b"="))
 _ALPHABET = re.compile(r"[A-Za-z0-9_-]+")
@@ -23,7 +26,10 @@ def fingerprint(from_ts, to_ts, actor_id, action):
 
 
 def encode(key, created_at, row_id, filters):
-    body = _CURSOR.pack(_VERSION, created_at, row_id, filters)
+    if type(created_at) is int:
+        body = _CURSOR.pack(_VERSION, created_at, row_id, filters)
+    else:  # a REAL: TEXT and BLOB values are outside every window, so never the last event of a page
+        body = _CURSOR_REAL.pack(_VERSION_REAL, created_at, row_id, filters)
     tag = hmac.new(key, body, hashlib.sha256).digest()[:_TAG]
     return base64.urlsafe_b64encode(body + tag).rstrip(b"=").decode("ascii")
 
@@ -39,9 +45,10 @@ def decode(key, cursor, filters):
     expected = hmac.new(key, body, hashlib.sha256).digest()[:_TAG]
     if not hmac.compare_digest(tag, expected):
         raise ValueError("cursor is tampered or was issued by another service instance")
-    version, created_at, row_id, issued_for = _CURSOR.unpack(body)
-    if version != _VERSION:
+    version = body[0]
+    if version not in (_VERSION, _VERSION_REAL):
         raise ValueError(f"cursor version {version} is not supported")
+    _, created_at, row_id, issued_for = (_CURSOR if version == _VERSION else _CURSOR_REAL).unpack(body)
     if issued_for != filters:
         raise ValueError("cursor was issued for other filters (window, actor_id, action)")
     return created_at, row_id

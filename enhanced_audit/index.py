@@ -278,6 +278,8 @@ def _with_dead(pair, indices):
 class View:
     """What a request reads: base + delta (None when empty) and the stamp they are current for.
 
+    `base` is None when the data holds a value the index cannot (see Service._index_or_none).
+
     `stamp` is compared with `io.stamp(db_path, *probe)` on every request; `seq` is the change-log
     sequence number the view includes (None without a change log); `schema` is PRAGMA schema_version.
     """
@@ -289,6 +291,10 @@ class View:
         self.wal, self.seq, self.schema, self.db_fd, self.shm_fd = wal, seq, schema, db_fd, shm_fd
 
     def _check(self, payload_size=None):
+        """Assert the invariants of base and delta; a view without a base (SQLite answers) has no delta."""
+        if self.base is None:
+            assert self.delta is None
+            return
         self.base._check(payload_size)
         if self.delta is not None:
             self.delta._check(self.base)

@@ -45,7 +45,8 @@ _REBUILD_SHARE = 0.25  # background rebuilds use at most this share of the time 
 _QUIET_GIVE_UP = 30.0  # seconds a rebuild thread waits for writes to pause before it gives up
 _BUSY_STEP = 0.0001  # seconds between two tries of a refresh that met a writer's lock...
 _BUSY_TIMEOUT = 5.0  # ...for at most this long (SQLite's own handler sleeps 1, 2, 5, 10 ms...)
-_WARN_EVERY = 300.0  # seconds between two "install the change log" warnings
+_WARN_EVERY = 300.0  # seconds between two "install the change log" (or "cannot index") warnings
+_ODD_BACKOFF = 4  # rebuilds that keep meeting unindexable data wait up to 2**4 times longer
 
 
 class ServiceClosed(ValueError):
@@ -90,6 +91,8 @@ class EnhancedAuditLogService:
         self._build_seconds = 0.0  # how long the last full build took
         self._unlogged_starts = 0  # background rebuilds started for want of a change log
         self._last_warning = None
+        self._last_odd_warning = None  # when _index_or_none last warned
+        self._odd_builds = 0  # full builds in a row that met a value the index cannot hold (backoff)
         self._stats = dict.fromkeys(("refreshes", "changes_applied", "full_rebuilds", "background_rebuilds",
                                      "stale_rebuilds", "fallback_answers"), 0)
         self._stats["refresh_seconds"] = 0.0
@@ -166,7 +169,7 @@ class EnhancedAuditLogService:
         """
         from_ts, to_ts, actor_id, action, page, page_size, echo = parse(query)
         view = self._fresh_view()
-        if view is None:  # stale, and no exact catch-up: SQLite answers, with the baseline's query
+        if view is None or view.base is None:  # stale or unindexable: SQLite answers, the baseline's query
             events = self._events_from_sql(from_ts, to_ts, actor_id, action, page, page_size)
             return {"query": echo, "events": events, "count": len(events)}
         items, _ = select(view, from_ts, to_ts, actor_id, action, (page - 1) * page_size, page_size)
@@ -185,7 +188,8 @@ class EnhancedAuditLogService:
         filters = _cursor_filters(from_ts, to_ts, actor_id, action)
         after = None if cursor is None else self._decode_cursor(cursor, filters)
         view = self._fresh_view()
-        if view is None:  # stale, and no exact catch-up: the same keyset page from SQLite
+        if view is None or view.base is None or (after is not None and type(after[0]) is not int):
+            # stale or unindexable (or a cursor on a REAL created_at): the same keyset page from SQLite
             events, more = self._keyset_from_sql(from_ts, to_ts, actor_id, action, page_size, after)
         else:
             items, more = select(view, from_ts, to_ts, actor_id, action, 0, page_size, after)
@@ -236,8 +240,8 @@ class EnhancedAuditLogService:
 
     def _events_from_sql(self, from_ts, to_ts, actor_id, action, page, page_size):
         """The baseline's query on this thread's kept read-only connection; the same payload reads."""
-        rows = self._thread_connection().execute(_CONTRACT_SQL, (
-            from_ts, to_ts, actor_id, actor_id, action, action, page_size, (page - 1) * page_size)).fetchall()
+        rows = self._sql(_fetch, self._thread_connection(), _CONTRACT_SQL, (
+            from_ts, to_ts, actor_id, actor_id, action, action, page_size, (page - 1) * page_size))
         return self._events_of_rows(rows)
 
     def _keyset_from_sql(self, from_ts, to_ts, actor_id, action, page_size, after):
@@ -245,7 +249,7 @@ class EnhancedAuditLogService:
         sql, args = _KEYSET_SQL, [from_ts, to_ts, actor_id, actor_id, action, action]
         if after is not None:
             sql, args = _KEYSET_AFTER_SQL, args + [after[0], after[0], after[1]]
-        rows = self._thread_connection().execute(sql, args + [page_size + 1]).fetchall()
+        rows = self._sql(_fetch, self._thread_connection(), sql, args + [page_size + 1])
         return self._events_of_rows(rows[:page_size]), len(rows) > page_size
 
     def _events_of_rows(self, rows):
@@ -343,10 +347,10 @@ class EnhancedAuditLogService:
             fid = self._io.file_id(self._db_path)
         except OSError as exc:
             raise _missing_db(self._db_path, exc) from exc
-        if view.seq is None or fid != view.stamp[0]:
-            return None  # no change log when the view was taken (a rebuild finds one), or another file
+        if view.seq is None or fid != view.stamp[0] or view.base is None:
+            return None  # no change log when the view was taken (a rebuild finds one), another file, no index
         with self._conn_lock:
-            got, before = _retry_busy(self._changes_since, self._connection(fid), view)
+            got, before = self._sql(self._changes_since, self._connection(fid), view)
         if got is None:
             return None
         seq, changes = got
@@ -357,7 +361,7 @@ class EnhancedAuditLogService:
             try:
                 delta = delta.apply(view.base, changes)
             except (TypeError, OverflowError):
-                return None  # a key that is not an integer: the full build's path
+                return None  # a value the index cannot hold (a REAL created_at): a rebuild answers from SQLite
         self._stats["changes_applied"] += len(changes)
         return View(view.base, delta if len(delta) else None, ticket, (fid, before), view.probe, view.wal,
                     seq, view.schema, view.db_fd, view.shm_fd)
@@ -385,7 +389,7 @@ class EnhancedAuditLogService:
     def _wal_stamp(self, view):
         """The wal-index header (both copies), or the data_version where there is no -shm to read."""
         if view.shm_fd is None:
-            return _retry_busy(_pragma, self._connection(view.stamp[0]), "data_version")
+            return self._sql(_pragma, self._connection(view.stamp[0]), "data_version")
         header = read_at(view.shm_fd, _SHM_HEADER, 0)
         if header[:48] != header[48:]:
             return None  # caught mid-commit: a stamp that matches nothing, so the next request looks again
@@ -394,7 +398,7 @@ class EnhancedAuditLogService:
     def _data_version(self):
         with self._conn_lock:
             conn = self._connection(self._view.stamp[0] if self._view else None)
-            return _retry_busy(_pragma, conn, "data_version")
+            return self._sql(_pragma, conn, "data_version")
 
     # -- builds ------------------------------------------------------------------------------
 
@@ -439,7 +443,8 @@ class EnhancedAuditLogService:
         finally:
             with self._lock:
                 took = time.monotonic() - started
-                self._not_before = time.monotonic() + min(took, self._build_seconds * 2) * (1 / _REBUILD_SHARE - 1)
+                backoff = 1 << min(self._odd_builds, _ODD_BACKOFF)  # data the index cannot hold: try less often
+                self._not_before = time.monotonic() + min(took, self._build_seconds * 2) * (1 / _REBUILD_SHARE - 1) * backoff
                 self._rebuilder = None
 
     def _wait_until_quiet(self, previous, started):
@@ -469,7 +474,7 @@ class EnhancedAuditLogService:
     def _log_installed(self):
         conn = self._connect()
         try:
-            return changelog.installed(conn)
+            return self._sql(changelog.installed, conn)
         finally:
             conn.close()
 
@@ -479,6 +484,9 @@ class EnhancedAuditLogService:
             if self._closed:
                 return
             current = self._view
+            if view.base is None and current is not None and current.base is not None and (
+                    self._probe_now(current) == current.stamp):
+                return  # a compaction met a value the index cannot hold: the current view is still exact
             if view.seq is not None:  # changes logged while we read: applied before publishing
                 view = self._refresh(view) or view
             if current is None or view.ticket > current.ticket:
@@ -512,7 +520,7 @@ class EnhancedAuditLogService:
         if wal:
             with self._conn_lock:
                 # the kept connection holds the WAL open from here on (see _connection)
-                _retry_busy(_pragma, self._connection(fid), "schema_version")
+                self._sql(_pragma, self._connection(fid), "schema_version")
             if self._io.pread is not None:
                 with guard:
                     if publish_lock is not None and self._closed:
@@ -523,11 +531,11 @@ class EnhancedAuditLogService:
         conn = self._connect()  # its own connection: a long read must not hold up refreshes
         try:
             try:
-                rows, seq, schema, stamp = self._read_all(conn, fd, wal)
+                rows, seq, schema, stamp = self._sql(self._read_all, conn, fd, wal)
             except _Retry as retry:
                 if publish_lock is not None and not retry.logged:
                     raise  # background, no log: try again after the backoff, never hold writers up
-                rows, seq, schema, stamp = self._read_all(conn, fd, wal, chunked=False)
+                rows, seq, schema, stamp = self._sql(self._read_all, conn, fd, wal, False)
         finally:
             conn.close()
         if wal:
@@ -535,11 +543,29 @@ class EnhancedAuditLogService:
             probe = None if shm_fd is None else (shm_fd, _SHM_HEADER, 0)
         else:
             probe = (fd, _COUNTER_LEN, _COUNTER_AT)
-        base = Index(rows)
+        base = self._index_or_none(rows)
         with guard:
             self._stats["full_rebuilds"] += 1
             self._build_seconds = time.monotonic() - build_started
+            self._odd_builds = 0 if base is not None else self._odd_builds + 1
         return View(base, None, ticket, (fid, stamp), probe, wal, seq, schema, fd, shm_fd)
+
+    def _index_or_none(self, rows):
+        """Index(rows), or None when a value has a type the index cannot hold: a view without a base
+        is answered by SQLite with the baseline's query, exact for any data, until a rebuild can index.
+
+        The schema declares INTEGER and TEXT; SQLite still stores what a writer gives it, e.g. a REAL
+        created_at (a writer storing time.time()) or a BLOB resource_id.
+        """
+        try:
+            return Index(rows)
+        except (TypeError, OverflowError) as exc:
+            now = time.monotonic()
+            if self._last_odd_warning is None or now - self._last_odd_warning > _WARN_EVERY:
+                self._last_odd_warning = now
+                log.warning("%s: %s, which the in-memory index cannot hold (%s); requests are answered by "
+                            "SQLite with the baseline's query until it changes", self._db_path, _odd_value(rows), exc)
+            return None
 
     def _read_all(self, conn, fd, wal, chunked=True):
         """(rows in order, change-log seq or None, schema_version, change counter) of one state.
@@ -558,7 +584,8 @@ class EnhancedAuditLogService:
             if wal or not chunked:
                 return conn.execute(SELECT_ALL).fetchall(), seq, schema, counter
         finally:
-            conn.execute("COMMIT")
+            if conn.in_transaction:  # not after an error that already rolled it back
+                conn.execute("COMMIT")
         by_id = {}
         chunk = conn.execute(_FIRST_CHUNK, (_CHUNK,)).fetchall()
         while True:
@@ -575,7 +602,7 @@ class EnhancedAuditLogService:
                 if (read_at(fd, _COUNTER_LEN, _COUNTER_AT) != counter
                         or _pragma(conn, "schema_version") != schema):
                     raise _Retry(logged)  # a commit landed between the chunks
-                return sorted(by_id.values(), key=_order_key), seq, schema, counter
+                return _in_order(by_id.values()), seq, schema, counter
             now_schema, seq, changes = changelog.read_changes(conn, seq)
             if now_schema != schema or seq is None:
                 raise _Retry(logged)
@@ -587,8 +614,7 @@ class EnhancedAuditLogService:
             counter = read_at(fd, _COUNTER_LEN, _COUNTER_AT)
         finally:
             conn.execute("COMMIT")
-        rows = sorted(by_id.values(), key=_order_key)
-        return rows, seq, schema, counter
+        return _in_order(by_id.values()), seq, schema, counter
 
     def _open_shm(self):
         """Descriptor of the wal-index file (reused while it is the same file), or None. Holds _lock."""
@@ -612,10 +638,51 @@ class EnhancedAuditLogService:
             self._conn, self._conn_fid = self._connect(timeout=0), fid
         return self._conn
 
-    def _connect(self, timeout=5.0):
-        """A read-only connection; 5 s is sqlite3's (and so the baseline's) busy timeout."""
-        uri = "file:" + quote(os.path.abspath(self._db_path)) + "?mode=ro"
+    def _connect(self, timeout=5.0, mode="ro"):
+        """A read-only connection; 5 s is sqlite3's (and so the baseline's) busy timeout.
+
+        mode="rw" opens an existing file read-write (never creates one): see _roll_back_hot_journal.
+        """
+        uri = "file:" + quote(os.path.abspath(self._db_path)) + "?mode=" + mode
         return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=timeout)
+
+    def _sql(self, fn, *args):
+        """fn(*args) on a read-only connection, plus the two things such a connection cannot do alone.
+
+        Busy: tried again every _BUSY_STEP (for up to _BUSY_TIMEOUT) while a writer's lock makes
+        SQLite answer "busy". Read-only: see _roll_back_hot_journal; then tried once more.
+        """
+        deadline = time.monotonic() + _BUSY_TIMEOUT
+        repaired = False
+        while True:
+            try:
+                return fn(*args)
+            except sqlite3.OperationalError as exc:
+                text = str(exc)
+                if "readonly database" in text and not repaired:
+                    self._roll_back_hot_journal(exc)
+                    repaired = True
+                    continue
+                if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                    raise
+            time.sleep(_BUSY_STEP)
+
+    def _roll_back_hot_journal(self, exc):
+        """A writer that died mid-transaction, after its pages spilled into the database file, leaves
+        a hot journal. Nobody may read until it is rolled back, and a read-only connection cannot
+        (SQLITE_READONLY_ROLLBACK: "attempt to write a readonly database"). The baseline's own
+        read-write connection rolls it back on its first read; we open one for just that read.
+        This restores the last committed state and changes no row. Re-raises `exc` if it fails.
+        """
+        try:
+            conn = self._connect(mode="rw")
+            try:
+                conn.execute("PRAGMA schema_version").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as failed:  # a write-protected file, say: the baseline fails there too
+            raise exc from failed
+        log.warning("%s: rolled back a hot journal left by a writer that died mid-transaction", self._db_path)
 
     def _open_same(self, path, current):
         """(file id, descriptor) for the file now at `path`, reusing `current` if it is that file.
@@ -682,17 +749,8 @@ def _base_events(base, positions, read):
     ]
 
 
-def _retry_busy(fn, *args):
-    """fn(*args), tried again every _BUSY_STEP while a writer's lock makes SQLite answer "busy"."""
-    deadline = time.monotonic() + _BUSY_TIMEOUT
-    while True:
-        try:
-            return fn(*args)
-        except sqlite3.OperationalError as exc:
-            text = str(exc)
-            if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
-                raise
-        time.sleep(_BUSY_STEP)
+def _fetch(conn, sql, args):
+    return conn.execute(sql, args).fetchall()
 
 
 def _pragma(conn, name):
@@ -720,6 +778,28 @@ _NoLock = _NoLockType()
 
 def _order_key(row):
     return -row[1], -row[0]
+
+
+def _in_order(rows):
+    """Rows in the baseline's order, as SQL's ORDER BY gives them. A created_at that cannot be
+    negated (TEXT, BLOB) cannot be indexed either: such rows come back unsorted, and Index() raises."""
+    try:
+        return sorted(rows, key=_order_key)
+    except TypeError:
+        return list(rows)
+
+
+_HELD = (("created_at", 1, int), ("actor_id", 2, int), ("resource_id", 5, str),
+         ("payload_offset", 6, int), ("payload_len", 7, int))
+
+
+def _odd_value(rows):
+    """'row id N has <column> <value> (<type>)' for the first value of a type the index does not hold."""
+    for row in rows:
+        for name, i, kind in _HELD:
+            if type(row[i]) is not kind:
+                return f"row id {row[0]} has {name} {row[i]!r} ({type(row[i]).__name__})"
+    return "a value"
 
 
 def _cursor_filters(from_ts, to_ts, actor_id, action):
