@@ -95,13 +95,17 @@ def installed(conn):
     return conn.execute(_INSTALLED).fetchone()[0] == 1 + len(_TRIGGERS)
 
 
-def read_changes(conn, since):
+def read_changes(conn, since, reader=None):
     """(schema_version, newest seq, [(row id, old created_at, current row or None)]) of one snapshot.
 
     The newest seq is None when entries after `since` were pruned (or the log restarted): the
     reader has fallen behind what is kept and must rebuild in full. O(changes) rows read.
+    `reader`: a capi.Reader on the same file, tried first (it keeps the GIL); `conn` answers
+    whatever it cannot.
     """
-    rows = conn.execute(_READ, (since,)).fetchall()
+    rows = None if reader is None else reader.fetchall(_READ, (since,))
+    if rows is None:
+        rows = conn.execute(_READ, (since,)).fetchall()
     rows.sort(key=_kind_then_seq)
     _, schema, lowest, newest = rows[0][:4]
     if newest is None or newest == since:

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import audit_log_service as _baseline
 
-from . import changelog, cursor
+from . import capi, changelog, cursor, journal
 from .fileio import HAVE_PREAD, O_BINARY, choose_io, read_at, read_like_baseline, seek_read
 from .index import SELECT_ALL, Delta, Index, View, select
 from .query import check_fields, parse
@@ -77,9 +77,10 @@ class EnhancedAuditLogService:
         self._view = None  # current View; replaced whole, never mutated
         self._tickets = count(1)  # orders change detections against snapshots
         self._lock = threading.Lock()  # protects: publishing _view, _payload, _handles, _closed, rebuild state
-        self._conn_lock = threading.Lock()  # protects: _conn, _conn_fid (one kept connection, shared)
+        self._conn_lock = threading.Lock()  # protects: _conn, _conn_fid, _reader (kept for refreshes, shared)
         self._conn = None
         self._conn_fid = None  # id of the database file _conn was opened for
+        self._reader = None  # capi.Reader on the same file (libc I/O only): catch-ups that keep the GIL
         self._payload = None  # (file id, reader) for the shared descriptor, replaced whole
         self._shm = None  # (file id, descriptor) of the wal-index file last opened
         self._local = threading.local()  # per thread: 'seek' payload reader, fallback connection
@@ -133,6 +134,7 @@ class EnhancedAuditLogService:
             handles, self._handles = self._handles, []
             with self._conn_lock:
                 conn, self._conn = self._conn, None
+                self._close_reader()
         for handle in handles:
             if isinstance(handle, int):
                 os.close(handle)
@@ -298,11 +300,33 @@ class EnhancedAuditLogService:
                         with self._lock:
                             self._start_rebuild()
                     return None
+                if not view.wal and now[0] == view.stamp[0] and self._in_flight_from(view):
+                    return view  # the commit that moved the counter has not returned: still exact
             elif self._io.file_id(self._db_path) == view.stamp[0] and self._data_version() == view.stamp[1]:
                 return view
         except OSError as exc:
             raise _missing_db(self._db_path, exc) from exc
         return self._catch_up(next(self._tickets))
+
+    def _in_flight_from(self, view):
+        """True when the rollback journal shows a commit still in flight from the view's own state.
+
+        SQLite holds readers off for the rest of such a commit (its fsyncs); the view answers
+        meanwhile. O(journal records scanned), only while the counter differs. See journal.py.
+        """
+        pread = self._io.pread
+        if pread is None:
+            return False
+        try:
+            fd = os.open(self._db_path + "-journal", os.O_RDONLY | O_BINARY)
+        except OSError:
+            return False  # no journal: the commit is done, or none is in flight
+        try:
+            return journal.original_counter(pread(fd, journal.SCAN, 0)) == view.stamp[1]
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def _lazy_init(self):
         if self._closed:
@@ -350,7 +374,7 @@ class EnhancedAuditLogService:
         if view.seq is None or fid != view.stamp[0] or view.base is None:
             return None  # no change log when the view was taken (a rebuild finds one), another file, no index
         with self._conn_lock:
-            got, before = self._sql(self._changes_since, self._connection(fid), view)
+            got, before = self._sql(self._changes_since, self._connection(fid), view, self._reader)
         if got is None:
             return None
         seq, changes = got
@@ -366,18 +390,19 @@ class EnhancedAuditLogService:
         return View(view.base, delta if len(delta) else None, ticket, (fid, before), view.probe, view.wal,
                     seq, view.schema, view.db_fd, view.shm_fd)
 
-    def _changes_since(self, conn, view):
-        """(changes since the view, stamp) from one statement on the kept connection; (None, None)
-        when only a rebuild can catch up. The stamp is read first, so it is never newer than the data."""
+    def _changes_since(self, conn, view, reader=None):
+        """(changes since the view, stamp) from one statement on the kept connection (through
+        `reader` first, when given); (None, None) when only a rebuild can catch up. The stamp is
+        read first, so it is never newer than the data."""
         if view.wal:
             before = self._wal_stamp(view)
         else:
-            header = read_at(view.db_fd, _COUNTER_AT + _COUNTER_LEN, 0)
+            header = (self._io.pread or read_at)(view.db_fd, _COUNTER_AT + _COUNTER_LEN, 0)
             if len(header) < _COUNTER_AT + _COUNTER_LEN or header[_WAL_BYTE] == 2:
                 return None, None  # switched to WAL: a full rebuild sets up the WAL probe
             before = header[_COUNTER_AT:]
         try:
-            schema, seq, changes = changelog.read_changes(conn, view.seq)
+            schema, seq, changes = changelog.read_changes(conn, view.seq, reader)
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
                 return None, None  # the log was removed
@@ -390,7 +415,7 @@ class EnhancedAuditLogService:
         """The wal-index header (both copies), or the data_version where there is no -shm to read."""
         if view.shm_fd is None:
             return self._sql(_pragma, self._connection(view.stamp[0]), "data_version")
-        header = read_at(view.shm_fd, _SHM_HEADER, 0)
+        header = (self._io.pread or read_at)(view.shm_fd, _SHM_HEADER, 0)  # libc: keeps the GIL
         if header[:48] != header[48:]:
             return None  # caught mid-commit: a stamp that matches nothing, so the next request looks again
         return header
@@ -634,9 +659,21 @@ class EnhancedAuditLogService:
         if self._conn is not None and fid is not None and fid != self._conn_fid:
             self._conn.close()
             self._conn = None
+            self._close_reader()
         if self._conn is None:
             self._conn, self._conn_fid = self._connect(timeout=0), fid
+            if self._io.name == "libc" and capi.available():
+                try:
+                    self._reader = capi.Reader(os.path.abspath(self._db_path))
+                except OSError:
+                    self._reader = None  # the sqlite3 module answers every refresh instead
         return self._conn
+
+    def _close_reader(self):
+        """Close the kept capi.Reader, if any. The caller holds _conn_lock."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def _connect(self, timeout=5.0, mode="ro"):
         """A read-only connection; 5 s is sqlite3's (and so the baseline's) busy timeout.
