@@ -10,7 +10,7 @@ import threading
 # Why: a catch-up is a few hundred microseconds of work, but every sqlite3 module call releases
 # the GIL around sqlite3_prepare/sqlite3_step, and under load taking it back from busy request
 # threads can cost a whole switch interval (5 ms) each time, while every request that saw the
-# commit waits (bench/refresh_wait.py: CPU p99 ~1 ms, wall p99 ~38 ms). ctypes.PyDLL calls keep
+# commit waits (bench/refresh_wait.py, sqlite3 module path: CPU p99 ~1 ms, wall p99 22-43 ms). ctypes.PyDLL calls keep
 # the GIL, so a catch-up runs start to end in its own CPU time.
 #
 # Which library: the symbols are looked up through the handle of the _sqlite3 extension itself,
@@ -49,7 +49,6 @@ def _load():
         "sqlite3_prepare_v2": (i, [p, ctypes.c_char_p, i, ctypes.POINTER(p), p]),
         "sqlite3_finalize": (i, [p]),
         "sqlite3_reset": (i, [p]),
-        "sqlite3_clear_bindings": (i, [p]),
         "sqlite3_bind_int64": (i, [p, i, i64]),
         "sqlite3_step": (i, [p]),
         "sqlite3_column_count": (i, [p]),
@@ -83,7 +82,7 @@ def available():
 
 class Reader:
     """One read-only connection with its prepared statements. Not thread-safe: one user at a time
-    (the service holds its connection lock). Busy timeout 0: a writer's lock returns None at once.
+    (the service holds its connection lock). Busy timeout 0: a writer's lock raises "locked" at once.
     """
 
     def __init__(self, path):

@@ -15,8 +15,9 @@ import struct
 #
 # Format (sqlite.org/fileformat.html, "The Rollback Journal"): a header of magic, record count,
 # checksum nonce, initial page count, sector size and page size, padded to one sector; then
-# records of (page number, original page, checksum). Records of the first segment only are
-# read; anything not recognised answers None and the reader waits for SQLite, as before.
+# records of (page number, original page, checksum); a transaction that spilled its cache has
+# several such segments, each on a sector boundary. Anything not recognised answers None and the
+# reader waits for SQLite, as before.
 
 _MAGIC = bytes.fromhex("d9d505f920a163d7")
 _HEADER = struct.Struct(">IIIII")  # record count, nonce, initial pages, sector size, page size
