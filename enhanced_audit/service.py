@@ -29,8 +29,11 @@ _COUNTER_AT, _COUNTER_LEN, _WAL_BYTE = 24, 4, 18
 # mxFrame, salts, checksums), rewritten by every commit before it returns. Equal copies that equal
 # the ones read before a snapshot began mean nothing was committed since.
 _SHM_HEADER = 96
-_CONTRACT_SQL = _baseline._SELECT_PAGE  # the fallback asks SQLite exactly what the baseline asks
 _COLUMNS = "id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len"
+# the fallback asks SQLite what the baseline asks: the contract's WHERE, ORDER BY and LIMIT/OFFSET
+_CONTRACT_SQL = (f"SELECT {_COLUMNS} FROM audit_events WHERE created_at BETWEEN ? AND ? "
+                 "AND (? IS NULL OR actor_id = ?) AND (? IS NULL OR action = ?) "
+                 "ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?")
 _KEYSET_SQL = (f"SELECT {_COLUMNS} FROM audit_events WHERE created_at BETWEEN ? AND ? "
                "AND (? IS NULL OR actor_id = ?) AND (? IS NULL OR action = ?) ")
 _KEYSET_AFTER_SQL = _KEYSET_SQL + "AND (created_at < ? OR (created_at = ? AND id < ?)) "
