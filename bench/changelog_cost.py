@@ -13,8 +13,7 @@ from common import emit_json, table
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
-
-_INSERT = baseline._INSERT
+from tests.contract import INSERT_SQL
 
 
 def one_commit_each(db, commits):
@@ -24,7 +23,7 @@ def one_commit_each(db, commits):
         for i in range(commits):
             t0 = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(_INSERT, (int(time.time()), i % 2000 + 1, "UPDATE", "ORDER", f"ORDER-{i}", 0, 10))
+            conn.execute(INSERT_SQL, (int(time.time()), i % 2000 + 1, "UPDATE", "ORDER", f"ORDER-{i}", 0, 10))
             conn.execute("COMMIT")
             times.append((time.perf_counter() - t0) * 1000)
     return times
@@ -35,8 +34,8 @@ def one_transaction(db, rows):
     with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
         t0 = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(_INSERT, ((int(time.time()), i % 2000 + 1, "UPDATE", "ORDER", f"ORDER-{i}", 0, 10)
-                                   for i in range(rows)))
+        conn.executemany(INSERT_SQL, ((int(time.time()), i % 2000 + 1, "UPDATE", "ORDER", f"ORDER-{i}", 0, 10)
+                                      for i in range(rows)))
         conn.execute("COMMIT")
         return (time.perf_counter() - t0) / rows * 1e6
 

@@ -1,5 +1,7 @@
 """Shared benchmark helpers: run from the repository root, median-of-rounds through runner.run, tables."""
 
+__all__ = ["ROOT", "KEYS", "CONTRACT_SQL", "measure", "measure_interleaved", "table", "emit_json"]
+
 import json
 import os
 import statistics
@@ -10,20 +12,13 @@ os.chdir(ROOT)  # the contract's paths are relative to the working directory
 sys.path.insert(0, ROOT)
 
 import runner  # noqa: E402
+from tests.contract import SELECT_PAGE_SQL  # noqa: E402
 from tests.support import timed  # noqa: E402
 
 KEYS = ("rps", "p50_ms", "p90_ms", "p95_ms", "p99_ms")
 
-# The contract's query (issue 2), for the scripts that run it themselves.
-CONTRACT_SQL = """
-SELECT id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len
-FROM audit_events
-WHERE created_at BETWEEN ? AND ?
-  AND (? IS NULL OR actor_id = ?)
-  AND (? IS NULL OR action = ?)
-ORDER BY created_at DESC, id DESC
-LIMIT ? OFFSET ?
-"""
+# The baseline's page query (WHERE, ORDER BY, LIMIT/OFFSET), for the scripts that run it themselves.
+CONTRACT_SQL = SELECT_PAGE_SQL
 
 
 def measure(load_fn, concurrency, total, rounds, warmup=100):

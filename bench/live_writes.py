@@ -17,6 +17,7 @@ from common import ROOT, emit_json, table
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
 import runner
+from tests.contract import ACTIONS, INSERT_SQL, RESOURCE_TYPES, payload_line, percentile, seed_dataset
 from tests.support import baseline_paths, timed
 
 LIVE = os.path.join(ROOT, "data", "live")
@@ -31,16 +32,14 @@ RUN = os.path.join(LIVE, f"run-{os.getpid()}")  # per invocation: two invocation
 
 # -- the writer: its own process, writing the way a real writer does ----------------------------
 
-def payload_line():
-    """One JSONL line drawn by the baseline's own _make_payload(): this is the writer's process, so
-    its draws do not touch the readers' random state."""
-    return (json.dumps(baseline._make_payload()) + "\n").encode("utf-8")
-
-
 def writer_main(db, payloads, pattern, stop_file):
-    """Append each payload line, then insert its row in one transaction, on an absolute schedule."""
+    """Append each payload line, then insert its row in one transaction, on an absolute schedule.
+
+    Rows and payloads follow the data contract, drawn from this process's own generator, so the
+    readers' random state is never touched."""
     rate, per_commit = PATTERNS[pattern]
     rng = random.Random(os.getpid())
+    note = baseline.NOTE_MIN_CHARS, baseline.NOTE_MAX_CHARS
     commit_ms, retention_ms = [], None
     with contextlib.closing(sqlite3.connect(db, isolation_level=None, timeout=30)) as conn, \
             open(payloads, "ab") as out:
@@ -59,24 +58,24 @@ def writer_main(db, payloads, pattern, stop_file):
                 continue
             rows = []
             for _ in range(per_commit):
-                line = payload_line()
+                line = payload_line(rng, *note)
                 offset = out.seek(0, os.SEEK_END)
                 out.write(line)
-                kind = rng.choice(baseline._RESOURCE_TYPES)
-                rows.append((int(time.time()), rng.randint(1, 2000), rng.choice(baseline._ACTIONS), kind,
+                kind = rng.choice(RESOURCE_TYPES)
+                rows.append((int(time.time()), rng.randint(1, 2000), rng.choice(ACTIONS), kind,
                              f"{kind}-{rng.randint(1, 5_000_000)}", offset, len(line)))
             out.flush()  # the payload is on disk before its row is committed
             t0 = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(baseline._INSERT, rows)
+            conn.executemany(INSERT_SQL, rows)
             conn.execute("COMMIT")
             commit_ms.append((time.perf_counter() - t0) * 1000)
             k += 1
         seconds = time.monotonic() - start
     ordered = sorted(commit_ms)
     print(json.dumps({"commits": len(commit_ms), "seconds": seconds, "commits_per_s": len(commit_ms) / seconds,
-                      "commit_p50_ms": runner._percentile(ordered, 0.5),
-                      "commit_p99_ms": runner._percentile(ordered, 0.99), "retention_ms": retention_ms}))
+                      "commit_p50_ms": percentile(ordered, 0.5),
+                      "commit_p99_ms": percentile(ordered, 0.99), "retention_ms": retention_ms}))
 
 
 @contextlib.contextmanager
@@ -116,26 +115,12 @@ def fail(message):
 # -- data ---------------------------------------------------------------------------------------
 
 def seed(size):
-    """(db, payloads) of the seed pair for `size`, drawn by the baseline's own init() once."""
+    """(db, payloads) of the seed pair for `size`, drawn by the baseline's own init() once: the
+    contract data at 50k, else a fresh interpreter seeding its own folder (any baseline copy can)."""
     if size == "50k":
         baseline.init()
         return os.path.join(ROOT, baseline.DB_PATH), os.path.join(ROOT, baseline.PAYLOAD_FILE)
-    folder = os.path.join(LIVE, f"seed{size}")
-    db, payloads = os.path.join(folder, "audit.db"), os.path.join(folder, "payloads.jsonl")
-    if not os.path.exists(os.path.join(folder, "done")):
-        shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder)
-        saved = baseline.SEED_ROWS, baseline._initialized, baseline._rng.getstate()
-        baseline.SEED_ROWS, baseline._initialized = SIZES[size], False
-        baseline._rng.seed(1337)
-        try:
-            with baseline_paths(db, payloads):
-                baseline.init()
-        finally:
-            baseline.SEED_ROWS, baseline._initialized = saved[:2]
-            baseline._rng.setstate(saved[2])
-        open(os.path.join(folder, "done"), "w").close()
-    return db, payloads
+    return seed_dataset(os.path.join(LIVE, f"seed{size}"), SIZES[size])
 
 
 def fresh_copy(size, mode, logged):
@@ -167,7 +152,7 @@ def read_for(load_fn, seconds, concurrency):
         latencies += got
         batch = max(50, min(20_000, int(batch / took * 0.5)))  # about half a second a batch
     ordered = sorted(latencies)
-    pct = runner._percentile
+    pct = percentile  # the runner's percentile definition, as in its metrics
     return {"requests": len(ordered), "rps": len(ordered) / wall, "p50_ms": pct(ordered, 0.5),
             "p99_ms": pct(ordered, 0.99), "p999_ms": pct(ordered, 0.999), "max_ms": ordered[-1]}
 
@@ -213,7 +198,7 @@ def writer_alone(size, seconds):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# -- the targets of the issue -------------------------------------------------------------------
+# -- targets: each a ratio of two runs, checked against its limit --------------------------------
 
 def summarize(rows, alone):
     by = {(r["size"], r["mode"], r["writer"], r["impl"]): r for r in rows}
@@ -318,8 +303,8 @@ def main():
                    "targets": checks})
         return 0
     if args.rounds > 1:
-        print(f"targets (issue 11): medians of {args.rounds} rounds, each ratio taken within its round "
-              "(per-round values in brackets)")
+        print(f"targets, each a ratio against its limit: medians of {args.rounds} rounds, each ratio taken "
+              "within its round (per-round values in brackets)")
         for c in checks:
             print(f"  {'MET ' if c['met'] else 'MISS'} {c['target']}: {c['value']:.2f} (target {c['limit']}) "
                   f"[{', '.join(f'{v:.2f}' for v in c['rounds'])}]")
@@ -340,7 +325,7 @@ def main():
     for size, report in alone.items():
         print(f"  {size} WAL writer alone at rate100: commit p99 {report['commit_p99_ms']:.2f} ms, "
               f"{report['commits_per_s']:.1f} commits/s")
-    print("\ntargets (issue 11), ratios within this invocation:")
+    print("\ntargets, each a ratio within this invocation against its limit:")
     for c in checks:
         print(f"  {'MET ' if c['met'] else 'MISS'} {c['target']}: {c['value']:.2f} (target {c['limit']})")
     return 0

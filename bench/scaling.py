@@ -4,8 +4,6 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 import tracemalloc
 
@@ -13,6 +11,7 @@ from common import ROOT, emit_json, measure, table
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
+from tests.contract import seed_dataset
 
 SCALE_DIR = os.path.join(ROOT, "data", "scale")
 
@@ -22,14 +21,9 @@ def dataset(rows):
     if rows == baseline.SEED_ROWS:
         baseline.init()
         return os.path.abspath(baseline.DB_PATH), os.path.abspath(baseline.PAYLOAD_FILE)
-    folder = os.path.join(SCALE_DIR, str(rows))
-    db, payloads = os.path.join(folder, baseline.DB_PATH), os.path.join(folder, baseline.PAYLOAD_FILE)
-    if not os.path.exists(db):
-        os.makedirs(folder, exist_ok=True)
-        # same draw procedure, more rows: the baseline's init() with SEED_ROWS raised, in that folder
-        code = f"import sys; sys.path.insert(0, {ROOT!r}); import audit_log_service as s; s.SEED_ROWS = {rows}; s.init()"
-        subprocess.run([sys.executable, "-c", code], cwd=folder, check=True)
-    return db, payloads
+    # same draw procedure, more rows: the baseline's init() with SEED_ROWS raised, in a fresh
+    # interpreter inside that folder
+    return seed_dataset(os.path.join(SCALE_DIR, str(rows)), rows)
 
 
 def build_cost(db, payloads, repeats=3):
