@@ -1,6 +1,6 @@
 """The opt-in change log: a table kept by triggers on audit_events, so readers apply only what changed."""
 
-__all__ = ["TABLE", "KEEP", "install", "uninstall", "installed", "read_changes"]
+__all__ = ["TABLE", "KEEP", "install", "uninstall", "installed", "newest", "read_changes"]
 
 import contextlib
 import sqlite3
@@ -37,17 +37,18 @@ END""",
 _INSTALLED = (f"SELECT count(*) FROM sqlite_master WHERE (type = 'table' AND name = '{TABLE}') "
               f"OR (type = 'trigger' AND tbl_name = 'audit_events' AND name IN {_TRIGGERS!r})")
 # One statement, so one snapshot with no BEGIN/COMMIT: a header row (kind 0: schema_version, the
-# oldest and newest seq), then each change after `since` with the changed row as it is now (NULL
-# columns when it is gone). Every sqlite3 step gives up the GIL, and under load getting it back can
-# take a whole switch interval, so a refresh makes as few steps as it can.
+# oldest and newest seq, and whether the entry `since` itself is still there), then each change
+# after `since` with the changed row as it is now (NULL columns when it is gone). Every sqlite3
+# step gives up the GIL, so a catch-up makes as few steps as it can.
 _READ = f"""
 SELECT 0, (SELECT schema_version FROM pragma_schema_version), min(seq), max(seq),
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM {TABLE}
+       (SELECT count(*) FROM {TABLE} WHERE seq = ?1), NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM {TABLE}
 UNION ALL
 SELECT 1, c.seq, c.row_id, c.old_created_at, e.id, e.created_at, e.actor_id, e.action, e.resource_type,
        e.resource_id, e.payload_offset, e.payload_len
-FROM {TABLE} AS c LEFT JOIN audit_events AS e ON e.id = c.row_id WHERE c.seq > ?
+FROM {TABLE} AS c LEFT JOIN audit_events AS e ON e.id = c.row_id WHERE c.seq > ?1
 """
+_NEWEST = f"SELECT coalesce(max(seq), 0) FROM {TABLE}"
 
 
 def _check_path(db_path):
@@ -95,19 +96,24 @@ def installed(conn):
     return conn.execute(_INSTALLED).fetchone()[0] == 1 + len(_TRIGGERS)
 
 
-def read_changes(conn, since, reader=None):
+def newest(conn):
+    """The newest seq in the log, 0 when it is empty."""
+    return conn.execute(_NEWEST).fetchone()[0]
+
+
+def read_changes(conn, since):
     """(schema_version, newest seq, [(row id, old created_at, current row or None)]) of one snapshot.
 
-    The newest seq is None when entries after `since` were pruned (or the log restarted): the
-    reader has fallen behind what is kept and must rebuild in full. O(changes) rows read.
-    `reader`: a capi.Reader on the same file, tried first (it keeps the GIL); `conn` answers
-    whatever it cannot.
+    The newest seq is None when the reader cannot trust the log from `since` on: entries after it
+    were pruned, or the entry `since` itself is gone (the table was emptied by hand, and a restarted
+    seq would later pass `since` and skip entries). Then the reader rebuilds in full.
+    O(changes) rows read.
     """
-    rows = None if reader is None else reader.fetchall(_READ, (since,))
-    if rows is None:
-        rows = conn.execute(_READ, (since,)).fetchall()
+    rows = conn.execute(_READ, (since,)).fetchall()
     rows.sort(key=_kind_then_seq)
-    _, schema, lowest, newest = rows[0][:4]
+    _, schema, lowest, newest, since_kept = rows[0][:5]
+    if since > 0 and not since_kept:
+        return schema, None, None  # the entry the reader stands on is gone: pruned past, or emptied
     if newest is None or newest == since:
         return schema, since, []
     if newest < since or lowest > since + 1:

@@ -1,6 +1,18 @@
-"""File access for the hot path: positioned reads and file identity without releasing the GIL."""
+"""Positioned reads and file identity for the hot path, through libc where that keeps the GIL.
 
-__all__ = ["HAVE_PREAD", "O_BINARY", "choose_io", "read_at", "seek_read", "read_like_baseline"]
+Why: under thread contention every call that releases the GIL (os.pread, os.stat) lets another
+thread run until it, too, blocks, so a request with k events can wait k times for the GIL. libc's
+pread(2) and stat(2) called through ctypes.PyDLL keep the GIL for the ~2 us the call takes (a
+page-cache hit), so a request runs start to end. The A/B (io="libc" against io="os", one run of
+bench/concurrency.py) is in docs/benchmarks.md.
+
+Documents relied on: POSIX pread(2) and stat(2); the ctypes documentation of PyDLL ("the Python
+GIL is not released during the function call"). What would break: a platform whose struct stat
+places st_dev and st_ino other than where the calibration below finds them, which then raises and
+falls back to the os module (as does any missing symbol); io="os" forces that fallback.
+"""
+
+__all__ = ["HAVE_PREAD", "O_BINARY", "choose_io", "read_like_baseline"]
 
 import os
 import struct
@@ -9,14 +21,6 @@ import threading
 HAVE_PREAD = hasattr(os, "pread")
 O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 _HAVE_PREAD = HAVE_PREAD
-_O_BINARY = O_BINARY
-
-# --------------------------------------------------------------------------------------------
-# Hot-path file access. Under thread contention every call that releases the GIL (os.pread,
-# os.stat) lets another thread run until it, too, blocks, so a request with k events waits k
-# times. libc's pread and stat called through ctypes.PyDLL keep the GIL for the ~2 us the call
-# takes (a page-cache hit), so a request runs start to end without waiting. Where that libc is
-# not there (Windows, odd builds) the os module's calls do the same job.
 
 
 class _OsIO:
@@ -30,6 +34,11 @@ class _OsIO:
     @staticmethod
     def file_id(path):
         st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    @staticmethod
+    def file_id_of_fd(fd):
+        st = os.fstat(fd)
         return st.st_dev, st.st_ino
 
     def stamp(self, path, fd, length, offset):
@@ -73,6 +82,8 @@ class _LibcIO:
             raise OSError("struct stat layout not recognised")
         (at_dev, at_ino), = offsets
         lo, hi = min(at_dev, at_ino), max(at_dev, at_ino) + 8
+        if hi - lo != 16:
+            raise OSError("st_dev and st_ino are not adjacent")  # file_id_of_fd could not mirror the id
 
         # Each thread reuses one slot: a buffer (stat area, then payload area) and the ctypes
         # argument objects, set in place. Building them per call costs ~1 us and feeds the cyclic
@@ -138,7 +149,15 @@ class _LibcIO:
             slots[tid] = slot
             return result
 
-        self.pread, self.file_id, self.stamp = pread, file_id, stamp
+        def file_id_of_fd(fd):
+            """The id file_id() gives, for an open descriptor (os.fstat, packed the same way)."""
+            st = os.fstat(fd)
+            raw = bytearray(16)
+            raw[at_dev - lo:at_dev - lo + 8] = struct.pack("=Q", st.st_dev)
+            raw[at_ino - lo:at_ino - lo + 8] = struct.pack("=Q", st.st_ino)
+            return bytes(raw)
+
+        self.pread, self.file_id, self.stamp, self.file_id_of_fd = pread, file_id, stamp, file_id_of_fd
 
 
 def choose_io(kind):
@@ -155,19 +174,6 @@ def choose_io(kind):
     if kind == "seek":
         io.pread, io.name = None, "seek"
     return io
-
-
-def seek_read(f, length, offset):
-    # fallback (no os.pread): this thread's own file object, so seek+read cannot interleave
-    f.seek(offset)
-    return f.read(length)
-
-
-def read_at(fd, length, offset):
-    if HAVE_PREAD:
-        return os.pread(fd, length, offset)
-    os.lseek(fd, offset, os.SEEK_SET)  # only at build time, under the build lock
-    return os.read(fd, length)
 
 
 def read_like_baseline(path, length, offset):

@@ -224,9 +224,11 @@ class Runner(unittest.TestCase):
         with self.assertRaises(statistics.StatisticsError):
             runner.run(lambda: (0.0, 0.0), warmup=0, total=0, concurrency=2)
 
-    def test_empty_percentile_is_zero(self):
-        self.assertEqual(runner._percentile([], 0.99), 0.0)
-        self.assertEqual(runner._percentile([3.0, 1.0, 2.0], 0.5), 2.0)  # on a sorted copy
+    def test_percentiles_are_taken_on_the_sorted_latencies(self):
+        durations = iter([0.003, 0.001, 0.002])  # seconds; reported in ms
+        metrics, _ = runner.run(lambda: (0.0, next(durations)), warmup=0, total=3, concurrency=1)
+        self.assertAlmostEqual(metrics["p50_ms"], 2.0)
+        self.assertAlmostEqual(metrics["p99_ms"], 2.98)  # rank (n - 1) * p, interpolated
 
     def test_timed_requests_through_the_pool(self):
         delays = [0.0005 * (i % 7) for i in range(60)]

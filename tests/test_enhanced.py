@@ -27,7 +27,7 @@ def setUpModule():
 
 class IndexInvariants(ServiceTestCase):
     def test_check_passes_on_the_dataset(self):
-        self.service._view._check(payload_size=DATASET_BYTES)
+        self.service._check(payload_size=DATASET_BYTES)
 
     def test_check_catches_disorder_and_bad_spans(self):
         rows = list(self.oracle.rows[:50])
@@ -229,8 +229,7 @@ class Lifecycle(unittest.TestCase):
             with enhanced.EnhancedAuditLogService() as svc:
                 svc.execute(Query(0, 2 ** 40, None, None, 1, 10))
                 raise KeyError("boom")
-        self.assertTrue(svc._closed)
-        self.assertEqual(svc._handles, [])
+        self.assertTrue(svc.stats()["closed"])
 
 
 class DropIn(unittest.TestCase):
@@ -247,7 +246,7 @@ class DropIn(unittest.TestCase):
         for kind in ("libc", "os", "seek"):
             rng = random.Random(5)
             with enhanced.EnhancedAuditLogService(io=kind) as service:
-                self.assertEqual(service._io.name, kind)
+                self.assertEqual(service.stats()["io"], kind)
                 for _ in range(200):
                     q = Query(0, 2 ** 40, rng.choice([None, rng.randint(1, 2000)]), rng.choice([None, "CREATE"]),
                               rng.randint(1, 30), rng.choice([10, 20, 50]))

@@ -16,7 +16,7 @@ from unittest import mock
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
 from enhanced_audit import changelog
-from enhanced_audit import service as service_module
+from enhanced_audit import catchup as catchup_module
 from tests.support import ROOT, SCALE, DataCopy, append_events, baseline_answer, outcome, replace_db_with_fewer_rows
 
 Query = baseline.Query
@@ -138,9 +138,7 @@ class LiveCase(unittest.TestCase):
                 want = baseline_answer(q)
             if got != want:  # ids in the message, not megabytes of payloads
                 self.fail(f"{note}: {q}: service {ids_of(got)}, baseline {ids_of(want)}")
-        view = service._view
-        if view is not None:
-            view._check()
+        service._check()
 
 
 class WithChangeLog(LiveCase):
@@ -362,21 +360,21 @@ class OddValues(LiveCase):
                         self.assert_same_as_baseline(data, running, rng, f"{note}: running", queries + mine)
                         with enhanced.EnhancedAuditLogService(data.db, data.payloads) as started_after:
                             self.assert_same_as_baseline(data, started_after, rng, f"{note}: started after", queries + mine)
-                            self.assertIsNone(started_after._view.base)
+                            self.assertFalse(started_after.stats()["indexed"])
                         writer.conn.execute("DELETE FROM audit_events WHERE id = ?", (row_id,))
                         deadline = time.monotonic() + 20
                         while time.monotonic() < deadline:  # the index comes back once the value is gone
                             self.assert_same_as_baseline(data, running, rng, f"{note}: deleted", queries)
-                            if running._view.base is not None:
+                            if running.stats()["indexed"]:
                                 break
                             time.sleep(0.05)
-                        self.assertIsNotNone(running._view.base, f"{note}: the index never came back")
+                        self.assertTrue(running.stats()["indexed"], f"{note}: the index never came back")
                 writer.close()
 
     def test_a_compaction_that_meets_one_keeps_the_current_view(self):
         # the delta holds a REAL actor_id (the base cannot): a failed compaction must not drop the index
-        with DataCopy(rows=300) as data, quiet(), mock.patch.object(service_module, "_COMPACT_MIN", 1), \
-                mock.patch.object(service_module, "_COMPACT_AT", 0):
+        with DataCopy(rows=300) as data, quiet(), mock.patch.object(catchup_module, "_COMPACT_MIN", 1), \
+                mock.patch.object(catchup_module, "_COMPACT_AT", 0):
             enhanced.install_change_log(data.db)
             rng = random.Random(6)
             with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
@@ -386,12 +384,12 @@ class OddValues(LiveCase):
                 deadline = time.monotonic() + 10
                 while service.stats()["full_rebuilds"] < 2 and time.monotonic() < deadline:
                     time.sleep(0.02)
-                while service._rebuilder is not None and time.monotonic() < deadline:
+                while service.stats()["rebuilding"] and time.monotonic() < deadline:
                     time.sleep(0.02)
                 self.assertEqual(service.stats()["full_rebuilds"], 2)  # the compaction ran, and failed
                 fallbacks = service.stats()["fallback_answers"]
                 self.assert_same_as_baseline(data, service, rng, "after the compaction")
-                self.assertIsNotNone(service._view.base)
+                self.assertTrue(service.stats()["indexed"])
                 self.assertEqual(service.stats()["fallback_answers"], fallbacks)
                 writer.close()
 
@@ -418,8 +416,8 @@ class Compaction(LiveCase):
 
     def test_compactions_and_big_commits_stay_exact(self):
         rng = random.Random("compaction")
-        with DataCopy(rows=3000) as data, mock.patch.object(service_module, "_COMPACT_MIN", 24), \
-                mock.patch.object(service_module, "_COMPACT_AT", 0.001):
+        with DataCopy(rows=3000) as data, mock.patch.object(catchup_module, "_COMPACT_MIN", 24), \
+                mock.patch.object(catchup_module, "_COMPACT_AT", 0.001):
             enhanced.install_change_log(data.db)
             writer = Writer(data, rng)
             with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:

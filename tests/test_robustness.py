@@ -171,6 +171,21 @@ def open_fds():
     return sorted(os.listdir("/proc/self/fd"))
 
 
+def assert_only_shared_sqlite_fds(test, before, db):
+    """What is left open beyond `before` is at most one descriptor on the database and one on its
+    -shm: the process-wide table of files.py, never closed (closing would drop SQLite's locks)."""
+    extra = set(open_fds()) - set(before)
+    targets = set()
+    for fd in extra:
+        try:
+            targets.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass  # the listing's own descriptor
+    real = os.path.realpath(db)
+    test.assertLessEqual(targets, {real, real + "-shm"}, "descriptors left on other files")
+    test.assertLessEqual(len(extra), 3)
+
+
 @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "needs /proc/self/fd")
 class Descriptors(unittest.TestCase):
     def test_1000_cycles_leave_no_descriptor(self):
@@ -184,7 +199,7 @@ class Descriptors(unittest.TestCase):
                 service.close()
                 if i % 2:
                     service.close()  # twice is harmless
-            self.assertEqual(open_fds(), before)
+            assert_only_shared_sqlite_fds(self, before, data.db)
 
     def test_threads_and_exceptions_leave_no_descriptor(self):
         q = Query(0, 2 ** 40, None, None, 1, 10)
@@ -204,7 +219,7 @@ class Descriptors(unittest.TestCase):
                 service.execute(q)
                 append_events(data.db, data.payloads, [(5, 1, "UPDATE")])
                 service.execute(q)
-            self.assertEqual(open_fds(), before)
+            assert_only_shared_sqlite_fds(self, before, data.db)
 
 
 # -- faults -----------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""Catch-up: a stale view plus the changes logged since it, as a new view, in O(changes x log n).
+
+A catch-up runs under the service's lock for one try at a time. A writer's lock makes the try
+raise "database is locked"; db.retry_busy then sleeps with no lock held and tries again, so K
+requests behind one writer each wait about as long as that writer holds its lock (at most the
+baseline's 5 s busy timeout), never K times as long.
+"""
+
+__all__ = ["catch_up", "refresh"]
+
+import sqlite3
+import time
+
+from . import changelog, probe
+from .db import BUSY_TIMEOUT, pragma, retry_busy
+from .index import Delta
+
+_COMPACT_AT = 1 / 16  # fold the delta into a new base once it holds this share of the rows...
+_COMPACT_MIN = 4096  # ...and at least this many
+
+
+def catch_up(service, ticket):
+    """A view with every commit before `ticket` was drawn, or None when only a full build can catch
+    up (the request is then answered by SQLite, and a background build starts).
+
+    Raises sqlite3.OperationalError("database is locked") after the baseline's 5 s busy timeout.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    lock = service._lock
+
+    def attempt():
+        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise sqlite3.OperationalError("database is locked")  # a full build holds it this long
+        try:
+            view = service._current()
+            if view.ticket > ticket:
+                return view  # a catch-up that began after our look has our commit
+            started = time.perf_counter()
+            got = refresh(service._db, service._io, view, service._next_ticket())
+            if got is None:
+                service._mark_stale(view)
+                return None
+            new, changes = got
+            service._publish(new, changes=changes, refresh_seconds=time.perf_counter() - started)
+            if new.delta is not None and len(new.delta) >= max(_COMPACT_MIN, new.base.n * _COMPACT_AT):
+                service._rebuilder.start(compaction=True)
+            return new
+        finally:
+            lock.release()
+    return retry_busy(attempt, deadline)
+
+
+def refresh(db, io, view, ticket):
+    """(`view` plus the changes logged since it as a new view, how many changes); None when that cannot be exact
+    (no change log when the view was taken, another file at the path, fallen behind the log, a
+    schema change, too many changes, a value the index cannot hold). One try: raises the
+    module's "database is locked" when a writer's lock is met.
+
+    Steps: the file id (a replaced file is never caught up from another file's log); on the kept
+    connection, the state first (so the stamp is never newer than the data), then the changes in
+    one statement (changelog.py); then Delta.apply (index.py).
+    """
+    if view.seq is None or view.base is None:
+        return None
+    fid = db.file_id()
+    if fid != view.file_id:
+        return None
+    with db.kept_lock:
+        conn = db.kept(fid)
+        if conn is None:
+            return None  # replaced since the look above: the new file gets a full build
+        state = _state(db, io, view, conn)
+        if state is _SWITCHED:
+            return None
+        try:
+            schema, seq, changes = db.run(conn, changelog.read_changes, view.seq)
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None  # the log was removed
+            raise
+    if schema != view.schema or seq is None:
+        return None  # a schema change (the log reinstalled, say), or fallen behind the log
+    if len(changes) > max(_COMPACT_MIN, view.base.n // 4):
+        return None  # a full build is cheaper than this many changes
+    delta = view.delta or Delta()
+    if changes:
+        try:
+            delta = delta.apply(view.base, changes)
+        except (TypeError, OverflowError):
+            return None  # a value the index cannot hold (a REAL created_at): SQLite answers
+    new = view._replace(delta=delta if len(delta) else None, ticket=ticket, stamp=(fid, state), seq=seq)
+    return new, len(changes)
+
+
+_SWITCHED = object()  # the database left rollback-journal mode: a full build sets up the WAL probe
+
+
+def _state(db, io, view, conn):
+    """The view's kind of state, read now: wal-index header, change counter, or data_version."""
+    if view.probe is None:
+        return db.run(conn, pragma, "data_version")
+    if view.wal:
+        return probe.wal_state(io.pread, view.probe[0])
+    header = io.pread(view.probe[0], probe.COUNTER[0] + probe.COUNTER[1], 0)
+    if probe.is_wal(header):
+        return _SWITCHED
+    return header[probe.COUNTER[1]:]

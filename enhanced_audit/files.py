@@ -1,0 +1,121 @@
+"""Descriptor ownership: SQLite's files are opened once per process and never closed; the payload
+file's descriptor is closed only once no request can still be reading through it.
+
+Why SQLite's files are never closed: on POSIX, closing any descriptor of a file releases every
+fcntl() lock the process holds on that file, the locks SQLite holds for the application's own
+connections included (sqlite.org/howtocorrupt.html, section 2.2). SQLite avoids this for its own
+connections by keeping them per inode; a descriptor opened beside SQLite cannot know whether such
+locks are held, so it is kept for the life of the process instead: one per (device, inode), shared
+by every service in the process. What that holds is bounded by the distinct database and -shm
+files the process has read (README, known limits), not by requests, threads or services.
+"""
+
+__all__ = ["sqlite_fd", "PayloadFile", "open_descriptors"]
+
+import os
+import threading
+
+from .fileio import O_BINARY
+
+_shared = {}  # (st_dev, st_ino) -> descriptor: never closed (see the module docstring)
+_spare = []  # descriptors opened in a race for an id already shared: kept too, never closed
+_shared_lock = threading.Lock()  # protects: _shared, _spare
+
+
+def sqlite_fd(io, path):
+    """(file id, descriptor) of the file now at `path`, from the process-wide table. O(1) when known.
+
+    The id is read before and after a new open, so the descriptor is known to be that file.
+    Raises OSError when nothing can be opened at `path`.
+    """
+    for _ in range(10):
+        st = os.stat(path)  # keyed by (st_dev, st_ino) whatever the io's own id looks like
+        key = st.st_dev, st.st_ino
+        fd = _shared.get(key)  # fast path: a dict read is atomic under the GIL
+        if fd is None:
+            with _shared_lock:
+                fd = _shared.get(key)
+                if fd is None:
+                    fd = os.open(path, os.O_RDONLY | O_BINARY)
+                    fst = os.fstat(fd)
+                    opened = fst.st_dev, fst.st_ino
+                    if opened in _shared:
+                        _spare.append(fd)  # replaced between the two looks: never closed all the same
+                    else:
+                        _shared[opened] = fd
+                    if opened != key:
+                        continue
+        fid = io.file_id_of_fd(fd)
+        if io.file_id(path) == fid:  # still the file at the path
+            return fid, fd
+    raise OSError(f"{path} keeps being replaced")
+
+
+def open_descriptors():
+    """How many descriptors the process-wide table holds (for stats() and tests)."""
+    with _shared_lock:
+        return len(_shared) + len(_spare)
+
+
+class PayloadFile:
+    """The payload file as the baseline's open() would find it: one descriptor per file id, shared
+    by all threads, replaced when another file appears at the path.
+
+    Readers close over the descriptor's owner, so a request still reading an old file keeps it open; the
+    descriptor is closed when the last reader drops it (CPython's reference counting), never under a
+    request. Without pread (the "seek" path) each read opens the file, as the baseline does.
+    """
+
+    def __init__(self, io, path):
+        self._io, self._path = io, path
+        self._current = None  # (file id, read function); replaced whole
+        self._lock = threading.Lock()  # protects: replacing _current
+
+    def reader(self):
+        """A `read(length, offset)` on the file now at the path. O(1): one stat when unchanged.
+
+        Raises FileNotFoundError (or OSError) as the baseline's open() would.
+        """
+        io = self._io
+        if io.pread is None:
+            return self._seek_read
+        fid = io.file_id(self._path)
+        current = self._current
+        if current is not None and current[0] == fid:
+            return current[1]
+        with self._lock:
+            current = self._current
+            if current is None or current[0] != fid:
+                owned = _Owned(os.open(self._path, os.O_RDONLY | O_BINARY))
+                current = self._current = (io.file_id_of_fd(owned.fd), _pread_on(io.pread, owned))
+            return current[1]
+
+    def _seek_read(self, length, offset):
+        with open(self._path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def close(self):
+        """Drop the shared reader; a request still using it keeps its file open until it is done."""
+        with self._lock:
+            self._current = None
+
+
+class _Owned:
+    """A descriptor closed when the last reference to it goes (the payload file is not SQLite's)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def __del__(self):
+        os.close(self.fd)
+
+
+def _pread_on(pread, owned):
+    fd = owned.fd
+
+    def read(length, offset, _keep=owned):  # _keep: the descriptor lives as long as this function
+        return pread(fd, length, offset)
+    return read

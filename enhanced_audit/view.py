@@ -1,0 +1,42 @@
+"""The view a request reads: an immutable snapshot of audit_events and the state it is current for."""
+
+__all__ = ["View"]
+
+from typing import NamedTuple, Optional
+
+
+class View(NamedTuple):
+    """Replaced whole, never mutated, so a request that read `service._view` once needs no lock.
+
+    - `base`: the Index, or None when the data holds a value the index cannot (SQLite answers);
+    - `delta`: the Delta of rows changed since `base` was built, None when there is none;
+    - `ticket`: drawn before the view's state was read; a view with a later ticket than a request's
+      change detection includes every commit that request must see;
+    - `stamp`: (database file id, state), state being the change counter (rollback journal), the
+      wal-index header (WAL) or PRAGMA data_version (no probe); compared with a probe's reading;
+    - `probe`: (descriptor, length, offset) read for the state, None when data_version is used;
+    - `wal`: the database was in WAL mode; `seq`: the change-log sequence number included (None
+      without a change log); `schema`: PRAGMA schema_version when read.
+    """
+
+    base: object
+    delta: object
+    ticket: int
+    stamp: tuple
+    probe: Optional[tuple]
+    wal: bool
+    seq: Optional[int]
+    schema: int
+
+    @property
+    def file_id(self):
+        return self.stamp[0]
+
+    def _check(self, payload_size=None):
+        """Assert the invariants of base and delta; a view without a base has no delta."""
+        if self.base is None:
+            assert self.delta is None
+            return
+        self.base._check(payload_size)
+        if self.delta is not None:
+            self.delta._check(self.base)
