@@ -8,7 +8,7 @@ from common import emit_json, table
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
-from enhanced_audit.cursor import fingerprint
+from enhanced_audit.cursor import encode, fingerprint
 
 
 def per_call_us(fn, calls):
@@ -43,8 +43,8 @@ def main():
                     if page > 1 else None
                 cursor = None
                 if before is not None:  # the cursor that continues after page - 1
-                    cursor = service._encode_cursor(before["events"][-1]["created_at"], before["events"][-1]["id"],
-                                                    fingerprint(oldest, newest, actor, action))
+                    cursor = encode(service._cursor_key, before["events"][-1]["created_at"],
+                                    before["events"][-1]["id"], fingerprint(oldest, newest, actor, action))
                 got = service.list_after(oldest, newest, actor, action, size, cursor)
                 assert got["events"] == want
                 rows.append({"filter": label, "page": page, "page_size": size,
