@@ -24,9 +24,12 @@ import types
 
 from tests.contract import BASELINE_MODULE, BASELINE_SHARED, ROOT, RUNNER_MODULE, RUNNER_SHARED
 
-DRAWS = 50  # handle_request() calls left to draw their own queries through the stripped module
-CONTRACT_SAMPLE = 200  # queries drawn from the contract's distribution, in the data's last 7 days
-SHALLOW_SAMPLE = 100  # the same with pages 1..30, where most answers hold events
+# scaled down by run_tests --quick as tests.support.SCALE is (support imports the baseline, so
+# this module reads the variable itself)
+_SCALE = float(os.environ.get("AUDIT_TEST_SCALE", "1"))
+DRAWS = max(20, int(50 * _SCALE))  # handle_request() calls left to draw their own queries through the stripped module
+CONTRACT_SAMPLE = max(50, int(200 * _SCALE))  # queries from the contract's distribution, in the data's last 7 days
+SHALLOW_SAMPLE = max(50, int(100 * _SCALE))  # the same with pages 1..30, where most answers hold events
 SHOWN = 5  # mismatches printed in full
 
 

@@ -1,16 +1,20 @@
 """Shared test helpers: a fixed-query hook for the baseline and an in-memory oracle."""
 
 __all__ = ["DATASET_SHA256", "DATASET_BYTES", "ROOT", "SCALE", "fixed_query", "baseline_paths", "baseline_answer", "Oracle",
-           "sha256_file", "DataCopy", "append_event", "append_events", "outcome", "ServiceTestCase", "timed"]
+           "sha256_file", "DataCopy", "append_event", "append_events", "outcome", "ServiceTestCase", "timed",
+           "switching_often", "COPY_ROWS"]
 
 import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
+import sys
+import tempfile
 import time
 import unittest
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import audit_log_service as baseline
 
@@ -19,6 +23,9 @@ DATASET_BYTES = 61_024_030
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # run_tests --quick (and the Python matrix) scales the heaviest tests down; CI's main run uses 1
 SCALE = float(os.environ.get("AUDIT_TEST_SCALE", "1"))
+# rows of the private copies that stand for the whole dataset: all of them (None), or in scaled-down
+# runs that share of them; each full index build over such a copy is those tests' largest cost
+COPY_ROWS = None if SCALE >= 1 else max(2000, int(baseline.SEED_ROWS * SCALE))
 
 _COLUMNS = "id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len"
 
@@ -86,6 +93,17 @@ class Oracle:
     decoded from an in-memory copy of the JSONL file.
     """
 
+    _shared = None
+
+    @classmethod
+    def shared(cls):
+        """One oracle on the contract files for the whole process: they are never written while the
+        tests run (writers work on a DataCopy), and each load reads 61 MB and sorts 50,000 rows.
+        Callers must not modify it."""
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
     def __init__(self, db_path=None, payload_path=None):
         db_path = db_path or baseline.DB_PATH
         payload_path = payload_path or baseline.PAYLOAD_FILE
@@ -127,24 +145,40 @@ class Oracle:
 
     def page(self, matched, query):
         start = (query.page - 1) * query.page_size
-        events = [self.event(r) for r in matched[start:start + query.page_size]]
-        return {"query": asdict(query), "events": events, "count": len(events)}
+        return self.reply(query, [self.event(r) for r in matched[start:start + query.page_size]])
+
+    @staticmethod
+    def reply(query, events):
+        """The answer's shape around `events`: the query's fields as asdict() gives them, events, count."""
+        return {"query": _query_dict(query), "events": events, "count": len(events)}
 
     def answer(self, query):
         matched = self.matching(query.from_ts, query.to_ts, query.actor_id, query.action)
         return self.page(matched, query)
 
 
+_ATOMIC = (int, bool, str, float, type(None))
+
+
+def _query_dict(query):
+    """asdict(query) for a Query of plain values, without asdict's per-value deepcopy (a large share
+    of an oracle answer's cost); anything else goes through asdict itself."""
+    out = {f.name: getattr(query, f.name) for f in fields(query)}
+    if all(type(v) in _ATOMIC for v in out.values()):
+        return out
+    return asdict(query)
+
+
 class DataCopy:
     """A private copy of audit.db and payloads.jsonl in a temporary folder, removed on exit.
 
     With `rows`, the database keeps only the first `rows` events (by id), same schema and index,
-    so the baseline answers in about a millisecond.
+    so the baseline answers in about a millisecond, and the payload file only the bytes those rows
+    reference: the seeding writes lines in id order, so that is a prefix of the original (writers
+    append after it, as they would to the whole file).
     """
 
     def __init__(self, rows=None):
-        import shutil
-        import tempfile
         self._tmp = tempfile.TemporaryDirectory(prefix="audit-test-")
         self.dir = self._tmp.name
         self.db = os.path.join(self.dir, "audit.db")
@@ -160,8 +194,14 @@ class DataCopy:
                     conn.execute(sql)
                 conn.execute("INSERT INTO audit_events SELECT * FROM src.audit_events WHERE id <= ?", (rows,))
                 conn.commit()
+                end = conn.execute("SELECT max(payload_offset + payload_len) FROM audit_events").fetchone()[0]
                 conn.execute("DETACH DATABASE src")
-        shutil.copyfile(os.path.join(ROOT, baseline.PAYLOAD_FILE), self.payloads)
+        payload_source = os.path.join(ROOT, baseline.PAYLOAD_FILE)
+        if rows is None:
+            shutil.copyfile(payload_source, self.payloads)
+        else:
+            with open(payload_source, "rb") as src, open(self.payloads, "wb") as dst:
+                _copy_prefix(src, dst, end or 0)
 
     def digest(self):
         """SHA-256 of both files, to show nothing was written."""
@@ -177,6 +217,29 @@ class DataCopy:
     def baseline(self):
         """The baseline module pointed at this copy."""
         return baseline_paths(self.db, self.payloads)
+
+
+def _copy_prefix(src, dst, length):
+    while length > 0:
+        chunk = src.read(min(length, 1 << 20))
+        if not chunk:
+            break
+        dst.write(chunk)
+        length -= len(chunk)
+
+
+@contextlib.contextmanager
+def switching_often(interval=0.00005):
+    """A shorter GIL switch interval for the duration. Tests that run a writer against threads that
+    spin on requests otherwise spend most of their time with the writer waiting for the GIL (the
+    default 5 ms per handover, several handovers per commit); switching more often interleaves the
+    threads more finely, which tests the same races at least as hard."""
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(interval)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(saved)
 
 
 def append_events(db_path, payload_path, events):
@@ -223,7 +286,7 @@ class ServiceTestCase(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         import enhanced_audit_log_service
-        cls.oracle = Oracle()
+        cls.oracle = Oracle.shared()
         cls.service = enhanced_audit_log_service.EnhancedAuditLogService()
         cls.service.init()
 

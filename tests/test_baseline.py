@@ -12,7 +12,7 @@ import unittest
 
 import audit_log_service as baseline
 import runner
-from tests.support import DATASET_BYTES, DATASET_SHA256, ROOT, Oracle, fixed_query, sha256_file, timed
+from tests.support import DATASET_BYTES, DATASET_SHA256, ROOT, SCALE, Oracle, fixed_query, sha256_file, timed
 
 
 def setUpModule():
@@ -138,7 +138,7 @@ class PickQuery(unittest.TestCase):
 class HandleRequest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.oracle = Oracle()
+        cls.oracle = Oracle.shared()
 
     def test_oracle_order_is_python_sorted(self):
         rows = _rows()
@@ -150,7 +150,7 @@ class HandleRequest(unittest.TestCase):
         oldest = self.oracle.rows[-1][1]
         mid = self.oracle.rows[25_000][1]
         windows = [(newest - 7 * 86400, newest), (oldest, newest), (mid, mid), (mid, newest), (newest, oldest)]
-        for _ in range(300):
+        for _ in range(max(100, int(300 * SCALE))):
             f, t = windows[rng.randrange(len(windows))]
             actor = rng.choice([None, rng.randint(1, 2000), self.oracle.rows[rng.randrange(50_000)][2]])
             action = rng.choice([None, "UPDATE", "LOGIN", "EXPORT", "NOPE"])

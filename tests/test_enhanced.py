@@ -14,8 +14,8 @@ import enhanced_audit_log_service as enhanced
 import runner
 from enhanced_audit.fileio import choose_io
 from enhanced_audit.index import Index
-from tests.support import (DATASET_BYTES, ROOT, DataCopy, Oracle, ServiceTestCase, append_event, baseline_answer,
-                           outcome, replace_db_with_fewer_rows, timed)
+from tests.support import (COPY_ROWS, DATASET_BYTES, ROOT, DataCopy, Oracle, ServiceTestCase, append_event,
+                           baseline_answer, outcome, replace_db_with_fewer_rows, timed)
 
 Query = baseline.Query
 
@@ -134,7 +134,7 @@ class Freshness(unittest.TestCase):
                 self.assertEqual(("ok", service.execute(q)), baseline_answer(q), q)
 
     def _writes_are_seen(self, wal):
-        with DataCopy() as data, enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+        with DataCopy(rows=COPY_ROWS) as data, enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
             if wal:
                 with closing(sqlite3.connect(data.db)) as conn:
                     conn.execute("PRAGMA journal_mode=WAL")
@@ -156,7 +156,7 @@ class Freshness(unittest.TestCase):
         self._writes_are_seen(wal=True)
 
     def test_update_and_delete_are_seen(self):
-        with DataCopy() as data, enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+        with DataCopy(rows=COPY_ROWS) as data, enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
             q = Query(0, 2 ** 40, None, None, 1, 20)
             top = service.execute(q)["events"]
             with closing(sqlite3.connect(data.db)) as conn, conn:
@@ -167,7 +167,8 @@ class Freshness(unittest.TestCase):
     def test_replaced_database_is_seen_in_every_journal_mode(self):
         # a new file put in place by rename; in WAL mode the kept connection must follow it
         for mode, io in (("WAL", "auto"), ("DELETE", "auto"), ("DELETE", "seek")):
-            with DataCopy() as data, enhanced.EnhancedAuditLogService(data.db, data.payloads, io=io) as service:
+            with DataCopy(rows=COPY_ROWS) as data, \
+                    enhanced.EnhancedAuditLogService(data.db, data.payloads, io=io) as service:
                 with closing(sqlite3.connect(data.db)) as conn:
                     conn.execute(f"PRAGMA journal_mode={mode}")
                 q = Query(0, 2 ** 40, None, None, 1, 10)
@@ -176,7 +177,7 @@ class Freshness(unittest.TestCase):
                 self._compare(data, service, [q, Query(0, 2 ** 40, None, "EXPORT", 1, 10)])
 
     def test_no_rebuild_without_a_commit(self):
-        with DataCopy() as data, enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+        with DataCopy(rows=COPY_ROWS) as data, enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
             first = service._view
             for _ in range(50):
                 service.execute(Query(0, 2 ** 40, None, None, 1, 10))
@@ -242,7 +243,7 @@ class DropIn(unittest.TestCase):
         self.assertIs(enhanced.Query, baseline.Query)
 
     def test_every_io_path_matches(self):
-        oracle = Oracle()
+        oracle = Oracle.shared()
         for kind in ("libc", "os", "seek"):
             rng = random.Random(5)
             with enhanced.EnhancedAuditLogService(io=kind) as service:

@@ -141,10 +141,16 @@ class BoundedDescriptors(unittest.TestCase):
         with DataCopy(rows=300) as data, contextlib.ExitStack() as stack:
             stack.enter_context(_quiet())
             stop = threading.Event()
+            # Descriptors are counted between two commits: while the writer's transaction holds its
+            # lock, SQLite defers closing the descriptors of connections closed meanwhile (POSIX locks
+            # belong to the process, and closing any descriptor on the file would drop them), so a
+            # count taken then shows connections already closed as open.
+            committing = threading.Lock()
 
             def write():
                 while not stop.is_set():
-                    append_events(data.db, data.payloads, [(10 ** 9, 3, "UPDATE")])
+                    with committing:
+                        append_events(data.db, data.payloads, [(10 ** 9, 3, "UPDATE")])
                     time.sleep(0.01)
             for io in ("auto", "seek"):
                 with enhanced.EnhancedAuditLogService(data.db, data.payloads, io=io) as service:
@@ -155,7 +161,8 @@ class BoundedDescriptors(unittest.TestCase):
                         for _ in range(6):
                             with ThreadPoolExecutor(8) as pool:
                                 list(pool.map(lambda _: service.execute(ALL), range(80)))
-                            counts.append(len(os.listdir("/proc/self/fd")))
+                            with committing:
+                                counts.append(len(os.listdir("/proc/self/fd")))
                     finally:
                         stop.set()
                         writer.join()

@@ -17,7 +17,8 @@ import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
 from enhanced_audit import changelog
 from enhanced_audit import catchup as catchup_module
-from tests.support import ROOT, SCALE, DataCopy, append_events, baseline_answer, outcome, replace_db_with_fewer_rows
+from tests.support import (ROOT, SCALE, DataCopy, append_events, baseline_answer, outcome, replace_db_with_fewer_rows,
+                           switching_often)
 
 Query = baseline.Query
 _COLUMNS = "(id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len)"
@@ -251,10 +252,11 @@ class ConcurrentReaders(unittest.TestCase):
                                 errors.append((mode, logged, first, newest_before))
 
                     threads = [threading.Thread(target=read) for _ in range(4)] + [threading.Thread(target=write)]
-                    for t in threads:
-                        t.start()
-                    for t in threads:
-                        t.join()
+                    with switching_often():  # four spinning readers would keep the writer waiting for the GIL
+                        for t in threads:
+                            t.start()
+                        for t in threads:
+                            t.join()
                 self.assertEqual(errors, [])
 
 
