@@ -13,7 +13,11 @@ sys.path.insert(0, ROOT)
 
 import runner  # noqa: E402
 from tests.contract import SELECT_PAGE_SQL  # noqa: E402
-from tests.support import timed  # noqa: E402
+from tests.support import fingerprint, timed  # noqa: E402
+
+# Every benchmark names the code it ran on (the same fingerprint ./run_tests prints); on stderr, so --json
+# output stays one JSON document.
+print("fingerprint: %s (sha256 of %d source files)" % fingerprint(), file=sys.stderr)
 
 KEYS = ("rps", "p50_ms", "p90_ms", "p95_ms", "p99_ms")
 

@@ -177,7 +177,7 @@ def measure(size, mode, pattern, impl, seconds, concurrency):
                     with writer(folder, pattern) as report:
                         row.update(read_for(timed(service.handle_request), seconds, concurrency))
                     after = service.stats()
-                stats = {k: after[k] - before[k] for k in after}
+                stats = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
                 row.update(refreshes=stats["refreshes"], rebuilds=stats["full_rebuilds"],
                            fallbacks=stats["fallback_answers"],
                            refresh_us=stats["refresh_seconds"] / stats["refreshes"] * 1e6 if stats["refreshes"] else 0.0)
@@ -268,6 +268,34 @@ def median_checks(per_round):
     return out
 
 
+def median_rows(per_round):
+    """One row per set-up: the median over rounds of each measured figure (ratios taken within each round)."""
+    out = []
+    for same in zip(*per_round):
+        row = dict(same[0])
+        for k, v in same[0].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                row[k] = statistics.median(r[k] for r in same if k in r)
+        out.append(row)
+    return out
+
+
+def print_table(rows, args, what):
+    for r in rows:
+        for k in ("rps_x", "p99_x", "p999_x", "commits_per_s", "commit_p99_ms", "refresh_us"):
+            r.setdefault(k, float("nan"))
+        for k in ("rebuilds", "fallbacks"):
+            r.setdefault(k, "")
+    table(f"runner.run at concurrency {args.concurrency}, {args.seconds:g} s of requests a run; x: ratio to the "
+          f"same size, mode and implementation with no writer, {what}", rows, [
+              ("size", "size", 5, ""), ("mode", "mode", 9, ""), ("writer", "writer", 10, ""), ("impl", "impl", 13, ""),
+              ("rps", "rps", 8, ".0f"), ("p50_ms", "p50 ms", 8, ".2f"), ("p99_ms", "p99 ms", 9, ".2f"),
+              ("p999_ms", "p99.9 ms", 10, ".2f"), ("max_ms", "max ms", 9, ".1f"), ("rps_x", "rps x", 7, ".2f"),
+              ("p99_x", "p99 x", 7, ".2f"), ("p999_x", "p99.9 x", 8, ".2f"), ("commits_per_s", "commit/s", 9, ".1f"),
+              ("commit_p99_ms", "commit p99", 11, ".2f"), ("refresh_us", "refresh us", 11, ".0f"),
+              ("rebuilds", "rebuilds", 9, ""), ("fallbacks", "fallbacks", 10, "")])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--writer", nargs=4, metavar=("PATTERN", "DB", "PAYLOADS", "STOP_FILE"), help=argparse.SUPPRESS)
@@ -303,31 +331,23 @@ def main():
                    "targets": checks})
         return 0
     if args.rounds > 1:
-        print(f"targets, each a ratio against its limit: medians of {args.rounds} rounds, each ratio taken "
+        rows = median_rows([r[0] for r in rounds])
+    print_table(rows, args, f"medians of {args.rounds} rounds" if args.rounds > 1 else "this invocation")
+    for size, report in alone.items():
+        print(f"  {size} WAL writer alone at rate100: commit p99 {report['commit_p99_ms']:.2f} ms, "
+              f"{report['commits_per_s']:.1f} commits/s" + (" (last round)" if args.rounds > 1 else ""))
+    if args.rounds > 1:
+        print(f"\ntargets, each a ratio against its limit: medians of {args.rounds} rounds, each ratio taken "
               "within its round (per-round values in brackets)")
         for c in checks:
             print(f"  {'MET ' if c['met'] else 'MISS'} {c['target']}: {c['value']:.2f} (target {c['limit']}) "
                   f"[{', '.join(f'{v:.2f}' for v in c['rounds'])}]")
+        print(f"  {sum(c['met'] for c in checks)} of {len(checks)} targets met")
         return 0
-    for r in rows:
-        for k in ("rps_x", "p99_x", "p999_x", "commits_per_s", "commit_p99_ms", "refresh_us"):
-            r.setdefault(k, float("nan"))
-        for k in ("rebuilds", "fallbacks"):
-            r.setdefault(k, "")
-    table(f"runner.run at concurrency {args.concurrency}, {args.seconds:g} s of requests a run; x: ratio to the "
-          "same size, mode and implementation with no writer, this invocation", rows, [
-              ("size", "size", 5, ""), ("mode", "mode", 9, ""), ("writer", "writer", 10, ""), ("impl", "impl", 13, ""),
-              ("rps", "rps", 8, ".0f"), ("p50_ms", "p50 ms", 8, ".2f"), ("p99_ms", "p99 ms", 9, ".2f"),
-              ("p999_ms", "p99.9 ms", 10, ".2f"), ("max_ms", "max ms", 9, ".1f"), ("rps_x", "rps x", 7, ".2f"),
-              ("p99_x", "p99 x", 7, ".2f"), ("p999_x", "p99.9 x", 8, ".2f"), ("commits_per_s", "commit/s", 9, ".1f"),
-              ("commit_p99_ms", "commit p99", 11, ".2f"), ("refresh_us", "refresh us", 11, ".0f"),
-              ("rebuilds", "rebuilds", 9, ""), ("fallbacks", "fallbacks", 10, "")])
-    for size, report in alone.items():
-        print(f"  {size} WAL writer alone at rate100: commit p99 {report['commit_p99_ms']:.2f} ms, "
-              f"{report['commits_per_s']:.1f} commits/s")
     print("\ntargets, each a ratio within this invocation against its limit:")
     for c in checks:
         print(f"  {'MET ' if c['met'] else 'MISS'} {c['target']}: {c['value']:.2f} (target {c['limit']})")
+    print(f"  {sum(c['met'] for c in checks)} of {len(checks)} targets met")
     return 0
 
 

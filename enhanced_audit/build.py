@@ -123,13 +123,13 @@ def _read_all(conn, pread, db_fd, single, chunked):
         if len(chunk) < _CHUNK:
             break
         if not logged and counter() != first:
-            raise Retry(logged)  # a commit landed: this read can no longer count
+            raise Retry(logged)  # a commit arrived: this read can no longer count
         chunk = conn.execute(NEXT_CHUNK, (chunk[-1][0], _CHUNK)).fetchall()
     conn.execute("BEGIN")
     try:
         if not logged:
             if counter() != first or pragma(conn, "schema_version") != schema:
-                raise Retry(logged)  # a commit landed between the chunks
+                raise Retry(logged)  # a commit arrived between the chunks
             return _in_order(by_id.values()), seq, schema, first
         now_schema, seq, changes = changelog.read_changes(conn, seq)
         if now_schema != schema or seq is None:

@@ -65,7 +65,7 @@ class _LibcIO:
             ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_char_p)
         stat_area = 1024  # more than any platform's struct stat
 
-        # Where st_dev and st_ino sit in this platform's struct stat: found by comparing with
+        # Where st_dev and st_ino sit in this platform's struct stat: located by comparing with
         # os.stat on two paths we know, so no layout is hard-coded. Anything ambiguous (a zero
         # value, a second match, offsets that disagree) falls back to the os module.
         probe_buf = new_buffer(stat_area)

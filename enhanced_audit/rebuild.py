@@ -91,7 +91,7 @@ class Rebuilder:
                 try:
                     view, problem = build(service._db, service._io, service._next_ticket())
                 except Retry:
-                    continue  # a commit landed between the chunks (or the file was replaced): again
+                    continue  # a commit arrived between the chunks (or the file was replaced): again
                 self._note_build(build_started, problem)
                 service._publish_built(view)
                 return

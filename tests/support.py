@@ -2,7 +2,7 @@
 
 __all__ = ["DATASET_SHA256", "DATASET_BYTES", "ROOT", "SCALE", "fixed_query", "baseline_paths", "baseline_answer", "Oracle",
            "sha256_file", "DataCopy", "append_event", "append_events", "outcome", "ServiceTestCase", "timed",
-           "switching_often", "COPY_ROWS"]
+           "switching_often", "COPY_ROWS", "fingerprint"]
 
 import contextlib
 import hashlib
@@ -26,6 +26,21 @@ SCALE = float(os.environ.get("AUDIT_TEST_SCALE", "1"))
 # rows of the private copies that stand for the whole dataset: all of them (None), or in scaled-down
 # runs that share of them; each full index build over such a copy is those tests' largest cost
 COPY_ROWS = None if SCALE >= 1 else max(2000, int(baseline.SEED_ROWS * SCALE))
+
+def fingerprint():
+    """(first 16 hex digits of a sha256 over every source file, file count): the code a figure ran on."""
+    names = [n for n in os.listdir(ROOT) if n.endswith(".py")] + ["run_tests", "run_tests.bat", ".ci/run"]
+    for folder in ("enhanced_audit", "tests", "bench"):
+        if os.path.isdir(os.path.join(ROOT, folder)):
+            names += [os.path.join(folder, n) for n in os.listdir(os.path.join(ROOT, folder)) if n.endswith(".py")]
+    digest = hashlib.sha256()
+    names = sorted(n for n in names if os.path.isfile(os.path.join(ROOT, n)))
+    for name in names:
+        with open(os.path.join(ROOT, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read() + b"\0")
+    return digest.hexdigest()[:16], len(names)
+
+
 
 _COLUMNS = "id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len"
 
