@@ -268,14 +268,24 @@ def median_checks(per_round):
     return out
 
 
+def save_rounds(rounds):
+    """Each finished round's rows, kept in data/ at once: a long matrix is never lost to what comes after it."""
+    os.makedirs(LIVE, exist_ok=True)
+    with open(os.path.join(LIVE, "rounds.json"), "w") as f:
+        json.dump([{"rows": r[0], "writer_alone": r[1], "targets": r[2]} for r in rounds], f, default=str)
+
+
 def median_rows(per_round):
     """One row per set-up: the median over rounds of each measured figure (ratios taken within each round)."""
     out = []
     for same in zip(*per_round):
         row = dict(same[0])
-        for k, v in same[0].items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                row[k] = statistics.median(r[k] for r in same if k in r)
+        for k in set().union(*same):
+            # a figure a round did not produce (None, NaN, absent: no retention delete, no writer) is left out
+            values = [r[k] for r in same if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+                      and r[k] == r[k]]  # NaN: no figure either
+            if values:
+                row[k] = statistics.median(values)
         out.append(row)
     return out
 
@@ -322,7 +332,10 @@ def main():
             print(f"ERROR: --{key}: unknown {bad}; choose from {list(allowed)}", file=sys.stderr)
             return 2
     random.seed(1)
-    rounds = [one_round(lists, args) for _ in range(max(1, args.rounds))]
+    rounds = []
+    for _ in range(max(1, args.rounds)):
+        rounds.append(one_round(lists, args))
+        save_rounds(rounds)
     rows, alone, checks = rounds[-1]
     if args.rounds > 1:
         checks = median_checks([r[2] for r in rounds])
