@@ -47,7 +47,7 @@ class Rebuilder:
         self._service = service
         self.thread = None  # the running build thread, or None
         self._not_before = 0.0  # monotonic time before which no build starts (the throttle)
-        self.build_seconds = 0.0  # how long the last full build took
+        self.build_seconds = 0.0  # how long the last full build took (init's included)
         self.odd_builds = 0  # full builds in a row that met a value the index cannot hold
         self._unlogged_starts = 0  # builds started for want of a change log
 
@@ -102,9 +102,10 @@ class Rebuilder:
         finally:
             with service._lock:
                 took = time.monotonic() - started
+                if self.build_seconds > 0:
+                    took = min(took, self.build_seconds * 2)  # a long wait for a pause is not build time
                 backoff = 1 << min(self.odd_builds, _ODD_BACKOFF)
-                self._not_before = (time.monotonic()
-                                    + min(took, self.build_seconds * 2) * (1 / _REBUILD_SHARE - 1) * backoff)
+                self._not_before = time.monotonic() + took * (1 / _REBUILD_SHARE - 1) * backoff
                 self.thread = None
 
     def _note_build(self, started, problem):

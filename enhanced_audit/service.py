@@ -268,10 +268,13 @@ class EnhancedAuditLogService:
     def _build_now(self):
         """A full build in the caller's thread (init). Caller holds _lock."""
         for attempt in range(10):
+            started = time.monotonic()
             try:
                 view, problem = build(self._db, self._io, next(self._tickets), chunked=attempt == 0)
             except Retry:
                 continue  # a commit between the chunks, or a replaced file: read again, in one go
+            # what a background build waits for: writes paused this long (else it would read while commits land)
+            self._rebuilder.build_seconds = time.monotonic() - started
             self._stats["full_rebuilds"] += 1
             if problem is not None:
                 self._warn_unindexable(problem)
