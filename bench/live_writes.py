@@ -1,4 +1,8 @@
-"""Readers through runner.run while another process writes: baseline, enhanced with and without the change log."""
+"""Readers through runner.run while another process writes: baseline, enhanced with and without the change log.
+
+`--impls enhanced+log,enhanced+log:module` is the A/B of capi.py: the same service with catch-ups read
+through the sqlite3 module (capi.ENABLED = False) instead of SQLite's C API.
+"""
 
 import argparse
 import contextlib
@@ -17,6 +21,7 @@ from common import ROOT, emit_json, table
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
 import runner
+from enhanced_audit import capi
 from tests.contract import ACTIONS, INSERT_SQL, RESOURCE_TYPES, payload_line, percentile, seed_dataset
 from tests.support import baseline_paths, timed
 
@@ -24,7 +29,8 @@ LIVE = os.path.join(ROOT, "data", "live")
 SIZES = {"50k": 50_000, "500k": 500_000}
 MODES = {"rollback": "DELETE", "wal": "WAL"}
 WRITERS = ("none", "rate1", "rate10", "rate100", "batch100", "retention")
-IMPLS = ("baseline", "enhanced+log", "enhanced")
+IMPLS = ("baseline", "enhanced+log", "enhanced")  # the default matrix
+MODULE_ONLY = "enhanced+log:module"  # the change log, catch-ups through the sqlite3 module (capi.py's A/B)
 PATTERNS = {"rate1": (1, 1), "rate10": (10, 1), "rate100": (100, 1), "batch100": (10, 100), "retention": (10, 1)}
 RETENTION_AT = 1.0  # s after the writer starts: the readers (started at 0.5 s) are running when the delete lands
 RUN = os.path.join(LIVE, f"run-{os.getpid()}")  # per invocation: two invocations never share scratch files
@@ -158,7 +164,7 @@ def read_for(load_fn, seconds, concurrency):
 
 
 def measure(size, mode, pattern, impl, seconds, concurrency):
-    folder = fresh_copy(size, mode, impl == "enhanced+log")
+    folder = fresh_copy(size, mode, impl in ("enhanced+log", MODULE_ONLY))
     db, payloads = os.path.join(folder, "audit.db"), os.path.join(folder, "payloads.jsonl")
     row = {"size": size, "mode": mode, "writer": pattern, "impl": impl}
     try:
@@ -170,6 +176,7 @@ def measure(size, mode, pattern, impl, seconds, concurrency):
                 with writer(folder, pattern) as report:
                     row.update(read_for(timed(baseline.handle_request), seconds, concurrency))
             else:
+                capi.ENABLED = impl != MODULE_ONLY  # read when the kept connection opens: at init
                 with enhanced.EnhancedAuditLogService(db, payloads) as service:
                     for _ in range(200):
                         service.handle_request()
@@ -177,12 +184,15 @@ def measure(size, mode, pattern, impl, seconds, concurrency):
                     with writer(folder, pattern) as report:
                         row.update(read_for(timed(service.handle_request), seconds, concurrency))
                     after = service.stats()
+                if impl == "enhanced+log" and capi.available() and not after["capi"]:
+                    print(f"  note: {size} {mode} {pattern}: catch-ups ran through the sqlite3 module", file=sys.stderr)
                 stats = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
                 row.update(refreshes=stats["refreshes"], rebuilds=stats["full_rebuilds"],
                            fallbacks=stats["fallback_answers"],
                            refresh_us=stats["refresh_seconds"] / stats["refreshes"] * 1e6 if stats["refreshes"] else 0.0)
         row.update(report)
     finally:
+        capi.ENABLED = True
         shutil.rmtree(folder, ignore_errors=True)
     return row
 
@@ -268,11 +278,16 @@ def median_checks(per_round):
     return out
 
 
+def rounds_json(rounds):
+    """The rounds as JSON-ready dicts: one form for data/live/rounds.json and for --json."""
+    return [{"rows": r[0], "writer_alone": r[1], "targets": r[2]} for r in rounds]
+
+
 def save_rounds(rounds):
     """Each finished round's rows, kept in data/ at once: a long matrix is never lost to what comes after it."""
     os.makedirs(LIVE, exist_ok=True)
     with open(os.path.join(LIVE, "rounds.json"), "w") as f:
-        json.dump([{"rows": r[0], "writer_alone": r[1], "targets": r[2]} for r in rounds], f, default=str)
+        json.dump(rounds_json(rounds), f, default=str)
 
 
 def median_rows(per_round):
@@ -326,7 +341,7 @@ def main():
     if args.quick:
         args.sizes, args.writers, args.seconds = "50k", "none,rate10", 2.0
     lists = {k: getattr(args, k).split(",") for k in ("sizes", "modes", "writers", "impls")}
-    for key, allowed in (("sizes", SIZES), ("modes", MODES), ("writers", WRITERS), ("impls", IMPLS)):
+    for key, allowed in (("sizes", SIZES), ("modes", MODES), ("writers", WRITERS), ("impls", IMPLS + (MODULE_ONLY,))):
         bad = [v for v in lists[key] if v not in allowed]
         if bad:
             print(f"ERROR: --{key}: unknown {bad}; choose from {list(allowed)}", file=sys.stderr)
@@ -340,8 +355,7 @@ def main():
     if args.rounds > 1:
         checks = median_checks([r[2] for r in rounds])
     if args.json:
-        emit_json({"rounds": [{"rows": r[0], "writer_alone": r[1], "targets": r[2]} for r in rounds],
-                   "targets": checks})
+        emit_json({"rounds": rounds_json(rounds), "targets": checks})
         return 0
     if args.rounds > 1:
         rows = median_rows([r[0] for r in rounds])

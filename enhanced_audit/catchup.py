@@ -58,7 +58,9 @@ def refresh(db, io, view, ticket):
 
     Steps: the file id (a replaced file is never caught up from another file's log); on the kept
     connection, the state first (so the stamp is never newer than the data), then the changes in
-    one statement (changelog.py); then Delta.apply (index.py).
+    one statement (changelog.py), read through the kept connection's capi.Reader where there is one
+    (it keeps the GIL, so no other request runs into the stale view meanwhile); then Delta.apply
+    (index.py).
     """
     if view.seq is None or view.base is None:
         return None
@@ -73,7 +75,7 @@ def refresh(db, io, view, ticket):
         if state is _SWITCHED:
             return None
         try:
-            schema, seq, changes = db.run(conn, changelog.read_changes, view.seq)
+            schema, seq, changes = db.run(conn, changelog.read_changes, view.seq, db.reader)
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
                 return None  # the log was removed

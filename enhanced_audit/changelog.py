@@ -101,15 +101,18 @@ def newest(conn):
     return conn.execute(_NEWEST).fetchone()[0]
 
 
-def read_changes(conn, since):
+def read_changes(conn, since, reader=None):
     """(schema_version, newest seq, [(row id, old created_at, current row or None)]) of one snapshot.
 
     The newest seq is None when the reader cannot trust the log from `since` on: entries after it
     were pruned, or the entry `since` itself is gone (the table was emptied by hand, and a restarted
     seq would later pass `since` and skip entries). Then the reader rebuilds in full.
-    O(changes) rows read.
+    O(changes) rows read. `reader`: a capi.Reader on the same file, tried first (it keeps the
+    GIL); `conn` answers whatever the reader cannot.
     """
-    rows = conn.execute(_READ, (since,)).fetchall()
+    rows = None if reader is None else reader.fetchall(_READ, (since,))
+    if rows is None:
+        rows = conn.execute(_READ, (since,)).fetchall()
     rows.sort(key=_kind_then_seq)
     _, schema, lowest, newest, since_kept = rows[0][:5]
     if since > 0 and not since_kept:

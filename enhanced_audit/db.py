@@ -2,8 +2,9 @@
 connection cannot do alone (wait out a writer's lock without holding a lock of ours, and roll
 back a hot journal).
 
-Connections are opened through the sqlite3 module only, so SQLite keeps its own per-inode lock
-bookkeeping and closing one of them never drops another connection's locks.
+Connections are opened through the sqlite3 module, and the kept connection's catch-up reader
+through the same library's C API (capi.py), so SQLite keeps its own per-inode lock bookkeeping and
+closing one of them never drops another connection's locks.
 """
 
 __all__ = ["COLUMNS", "PAGE_SQL", "KEYSET_SQL", "KEYSET_AFTER_SQL", "SELECT_ALL", "FIRST_CHUNK", "NEXT_CHUNK",
@@ -15,6 +16,8 @@ import sqlite3
 import threading
 import time
 from urllib.parse import quote
+
+from . import capi
 
 log = logging.getLogger("enhanced_audit_log_service")
 
@@ -77,21 +80,26 @@ class Database:
 
     - the kept connection (busy timeout 0, so no sleep happens under `kept_lock`): catch-ups,
       PRAGMA data_version, and in WAL mode it holds the WAL open so SQLite keeps the -shm file;
+      beside it, on the same file, `reader`: a capi.Reader (the GIL kept) for the catch-up
+      statement, None where the C API is unavailable or io is "os" (no ctypes);
     - a pool of at most _POOL_IDLE idle connections for answers from SQL, each with the baseline's
       5 s busy timeout: SQLite sleeps in its busy handler while holding no lock of ours.
     """
 
     def __init__(self, path, io):
         self.path, self._io = path, io
-        self.kept_lock = threading.Lock()  # protects: _kept, _kept_fid (and serialises the kept connection)
-        self._kept = self._kept_fid = None
+        self.kept_lock = threading.Lock()  # protects: _kept, _kept_fid, reader (and serialises their use)
+        self._kept = self._kept_fid = self.reader = None
         self._idle = []  # [(file id, connection)]
         self._pool_lock = threading.Lock()  # protects: _idle
 
+    def uri(self, mode="ro"):
+        return "file:" + quote(os.path.abspath(self.path)) + "?mode=" + mode
+
     def connect(self, timeout=BUSY_TIMEOUT, mode="ro"):
         """A new read-only connection (mode="rw": an existing file read-write; never creates one)."""
-        uri = "file:" + quote(os.path.abspath(self.path)) + "?mode=" + mode
-        return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=timeout)
+        return sqlite3.connect(self.uri(mode), uri=True, isolation_level=None, check_same_thread=False,
+                               timeout=timeout)
 
     def file_id(self):
         """The id of the file now at the path; the baseline's OperationalError when there is none."""
@@ -105,15 +113,30 @@ class Database:
         The caller holds kept_lock. O(1) once open."""
         if self._kept is not None and self._kept_fid == fid:
             return self._kept
-        if self._kept is not None:
-            self._kept.close()  # opened for a file since replaced: it would keep reading that file
-            self._kept = None
+        self._close_kept()  # opened for a file since replaced: it would keep reading that file
         conn = self.connect(timeout=0)
-        if self.file_id() != fid:  # replaced between the caller's look and this open
+        reader = None
+        if self._io.name == "libc" and capi.available():
+            try:
+                reader = capi.Reader(self.uri())
+            except OSError:
+                reader = None  # the sqlite3 module answers
+        if self.file_id() != fid:  # replaced between the caller's look and these opens
             conn.close()
+            if reader is not None:
+                reader.close()
             return None
-        self._kept, self._kept_fid = conn, fid
+        self._kept, self._kept_fid, self.reader = conn, fid, reader
         return conn
+
+    def _close_kept(self):
+        """Close the kept connection and its reader (through SQLite). The caller holds kept_lock."""
+        kept, reader = self._kept, self.reader
+        self._kept = self._kept_fid = self.reader = None
+        if kept is not None:
+            kept.close()
+        if reader is not None:
+            reader.close()
 
     def run(self, conn, fn, *args):
         """fn(conn, *args), after rolling back a hot journal if a read-only connection meets one."""
@@ -155,12 +178,11 @@ class Database:
     def close(self):
         """Close every connection (through SQLite, which keeps other connections' locks)."""
         with self.kept_lock:
-            kept, self._kept, self._kept_fid = self._kept, None, None
+            self._close_kept()
         with self._pool_lock:
             idle, self._idle = self._idle, []
-        for conn in [kept] + [c for _, c in idle]:
-            if conn is not None:
-                conn.close()
+        for _, conn in idle:
+            conn.close()
 
     def _roll_back_hot_journal(self, exc):
         """A writer that died mid-transaction, after its pages spilled into the database file, leaves

@@ -127,9 +127,9 @@ class EnhancedAuditLogService:
 
     def stats(self):
         """Counters since construction (refreshes, refresh_seconds, changes_applied, full_rebuilds,
-        background_rebuilds, stale_rebuilds, fallback_answers) and the state now: io, indexed (the
-        view has an index), rebuilding (a background build runs), closed, sqlite_descriptors (the
-        process-wide table of files.py)."""
+        background_rebuilds, stale_rebuilds, fallback_answers) and the state now: io, capi (catch-ups
+        read through capi.py, which keeps the GIL), indexed (the view has an index), rebuilding (a
+        background build runs), closed, sqlite_descriptors (the process-wide table of files.py)."""
         with self._lock:
             out = dict(self._stats)
             view = self._view
@@ -137,6 +137,7 @@ class EnhancedAuditLogService:
             out["rebuilding"] = self._rebuilder.thread is not None
             out["closed"] = self._closed
         out["io"] = self._io.name
+        out["capi"] = self._db.reader is not None
         out["sqlite_descriptors"] = open_descriptors()
         return out
 

@@ -2,17 +2,20 @@
 
 - fileio.py: libc pread/stat through ctypes (fallback: the os module);
 - probe.py: the change counter and wal-index header read from SQLite's files (fallback: PRAGMA
-  data_version on the kept connection).
+  data_version on the kept connection);
+- capi.py: the catch-up statement through SQLite's C API (fallback: the sqlite3 module).
 """
 
 import os
 import random
+import sqlite3
+import tempfile
 import unittest
 from unittest import mock
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
-from enhanced_audit import fileio, probe
+from enhanced_audit import capi, changelog, fileio, probe
 from tests.support import DataCopy, append_events, baseline_answer
 from tests.test_guest import set_journal
 
@@ -26,10 +29,12 @@ def sample(rng, n=12):
 
 
 class Fallbacks(unittest.TestCase):
-    def exact_under_writes(self, mode, note, **kwargs):
+    def exact_under_writes(self, mode, note, logged=False, **kwargs):
         rng = random.Random(11)
         with DataCopy(rows=400) as data:
             set_journal(data.db, mode)
+            if logged:
+                changelog.install(data.db)
             with enhanced.EnhancedAuditLogService(data.db, data.payloads, **kwargs) as service:
                 for step in range(4):
                     for q in sample(rng):
@@ -37,7 +42,10 @@ class Fallbacks(unittest.TestCase):
                         with data.baseline():
                             self.assertEqual(("ok", got), baseline_answer(q), f"{note}, {mode}, step {step}: {q}")
                     append_events(data.db, data.payloads, [(10 ** 9 + step, rng.randint(1, 40), "UPDATE")])
-                return service.stats()
+                stats = service.stats()
+            if logged:
+                self.assertEqual(stats["refreshes"], 3, f"{note}, {mode}: each commit seen caught up from the log")
+            return stats
 
     def test_without_libc_io(self):
         with mock.patch.object(fileio, "_LibcIO", side_effect=OSError("no libc here")):
@@ -54,6 +62,29 @@ class Fallbacks(unittest.TestCase):
         if before is not None:  # no descriptor was opened on SQLite's files
             self.assertLessEqual(len(os.listdir("/proc/self/fd")), len(before))
 
+    def test_without_the_c_api(self):
+        with mock.patch.object(capi, "ENABLED", False):
+            for mode in ("DELETE", "WAL"):
+                stats = self.exact_under_writes(mode, "C API unavailable", logged=True)
+                self.assertFalse(stats["capi"])
+
+    def test_with_the_c_api(self):
+        if not capi.available() or fileio.choose_io("auto").name != "libc":
+            self.skipTest("the SQLite C API is not available through ctypes here")
+        answered = []
+
+        def fetchall(reader, sql, args=()):
+            answered.append(real(reader, sql, args) is not None)
+            return real(reader, sql, args)
+        real = capi.Reader.fetchall
+        for mode in ("DELETE", "WAL"):
+            with mock.patch.object(capi.Reader, "fetchall", fetchall):
+                self.assertTrue(self.exact_under_writes(mode, "C API", logged=True)["capi"])
+            self.assertEqual(answered, [True] * 3, f"{mode}: each catch-up answered through the C API")
+            answered.clear()
+        for io in ("os", "seek"):  # no ctypes at all
+            self.assertFalse(self.exact_under_writes("WAL", f"io={io}", logged=True, io=io)["capi"])
+
     def test_without_pread(self):
         for mode in ("DELETE", "WAL"):
             stats = self.exact_under_writes(mode, "io=seek", io="seek")
@@ -69,6 +100,66 @@ class Fallbacks(unittest.TestCase):
             self.assertEqual(libc.file_id_of_fd(fd), libc.file_id(baseline.DB_PATH))
         finally:
             os.close(fd)
+
+
+@unittest.skipUnless(capi.available(), "the SQLite C API is not available through ctypes here")
+class CapiReader(unittest.TestCase):
+    """capi.Reader answers exactly what the sqlite3 module would, or None, or the module's "locked"."""
+
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.db = os.path.join(self.dir.name, "t.db")
+        with sqlite3.connect(self.db) as conn:
+            conn.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v)")
+            conn.executemany("INSERT INTO t VALUES (?, ?)", [
+                (1, 7), (2, -2 ** 63), (3, 2 ** 63 - 1), (4, 1.5), (5, "text é ✓"), (6, b"\x00\xffbytes"),
+                (7, None), (8, ""), (9, b""), (10, 1e300)])
+        conn.close()
+        self.module = sqlite3.connect(self.db)
+        self.reader = capi.Reader("file:" + self.db + "?mode=ro")
+
+    def tearDown(self):
+        self.reader.close()
+        self.module.close()
+        self.dir.cleanup()
+
+    def same(self, sql, args=()):
+        got = self.reader.fetchall(sql, args)
+        self.assertEqual(got, self.module.execute(sql, args).fetchall(), sql)
+        self.assertEqual([[type(v) for v in r] for r in got],
+                         [[type(v) for v in r] for r in self.module.execute(sql, args).fetchall()], sql)
+
+    def test_every_storage_class_as_the_module_gives_it(self):
+        self.same("SELECT k, v FROM t ORDER BY k")
+        self.same("SELECT k, v, typeof(v) FROM t WHERE k > ? ORDER BY k DESC", (3,))
+        self.same("SELECT count(*), max(k), min(v) FROM t WHERE k > ?", (100,))
+
+    def test_what_it_cannot_answer_is_left_to_the_module(self):
+        with sqlite3.connect(self.db) as conn:
+            conn.execute("INSERT INTO t VALUES (11, CAST(x'ff' AS TEXT))")  # not UTF-8
+        conn.close()
+        self.assertIsNone(self.reader.fetchall("SELECT v FROM t WHERE k = ?", (11,)))
+        self.assertIsNone(self.reader.fetchall("SELECT v FROM missing"))
+        self.assertIsNone(self.reader.fetchall("SELECT v FROM t WHERE k = ?", ("1",)))  # only int arguments
+
+    def test_a_writers_lock_raises_the_modules_locked(self):
+        writer = sqlite3.connect(self.db, isolation_level=None)
+        try:
+            self.assertEqual(self.reader.fetchall("SELECT count(*) FROM t"), [(10,)])  # prepared: the step meets it
+            writer.execute("BEGIN EXCLUSIVE")
+            with self.assertRaises(sqlite3.OperationalError) as caught:
+                self.reader.fetchall("SELECT count(*) FROM t")
+            self.assertIn("locked", str(caught.exception))
+            writer.execute("ROLLBACK")
+            self.assertEqual(self.reader.fetchall("SELECT count(*) FROM t"), [(10,)])
+        finally:
+            writer.close()
+
+    def test_disabled(self):
+        with mock.patch.object(capi, "ENABLED", False):
+            self.assertFalse(capi.available())
+            with self.assertRaises(OSError):
+                capi.Reader("file:" + self.db + "?mode=ro")
 
 
 if __name__ == "__main__":
