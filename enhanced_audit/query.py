@@ -1,7 +1,8 @@
-"""Query arguments: the baseline's six fields, checked the way its SQLite bind would fail."""
+"""Arguments: the baseline's six query fields, checked the way its SQLite bind would fail; the service's paths."""
 
-__all__ = ["FIELDS", "PAGE_SIZES", "parse", "check_fields"]
+__all__ = ["FIELDS", "PAGE_SIZES", "parse", "check_fields", "path_arg"]
 
+import os
 from dataclasses import asdict
 
 from audit_log_service import Query
@@ -79,3 +80,15 @@ def check_fields(f, t, actor, action, page, size):
     if (page - 1) * size > _INT64_MAX:
         raise OverflowError("page: OFFSET (page-1)*page_size too large to convert to SQLite INTEGER")
 
+
+def path_arg(name, value, default):
+    """`value` as a str path (`default` for None); TypeError naming `name` for anything else."""
+    if value is None:
+        return default
+    try:
+        path = os.fspath(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a str or os.PathLike, not {type(value).__name__}") from None
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"{name} must be a non-empty str path, got {value!r}")
+    return path

@@ -29,7 +29,7 @@ from .db import BUSY_TIMEOUT, KEYSET_AFTER_SQL, KEYSET_SQL, PAGE_SQL, Database, 
 from .fileio import choose_io
 from .files import PayloadFile, open_descriptors
 from .index import select
-from .query import check_fields, parse
+from .query import check_fields, parse, path_arg
 from .rebuild import RateLimitedLog, Rebuilder
 
 _STATS = ("refreshes", "changes_applied", "full_rebuilds", "background_rebuilds", "stale_rebuilds",
@@ -38,18 +38,6 @@ _STATS = ("refreshes", "changes_applied", "full_rebuilds", "background_rebuilds"
 
 class ServiceClosed(ValueError):
     """The service was closed; call init() to open it again."""
-
-
-def _path_arg(name, value, default):
-    if value is None:
-        return default
-    try:
-        path = os.fspath(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a str or os.PathLike, not {type(value).__name__}") from None
-    if not isinstance(path, str) or not path:
-        raise TypeError(f"{name} must be a non-empty str path, got {value!r}")
-    return path
 
 
 class EnhancedAuditLogService:
@@ -62,8 +50,8 @@ class EnhancedAuditLogService:
     def __init__(self, db_path=None, payload_path=None, io="auto", cursor_key=None):
         """`io`: "auto" (libc where it works, else os), "libc", "os", or "seek" (no pread: Windows).
         `cursor_key`: signs list_after() cursors; give every worker that must accept them the same."""
-        self._db_path = _path_arg("db_path", db_path, _baseline.DB_PATH)
-        self._payload_path = _path_arg("payload_path", payload_path, _baseline.PAYLOAD_FILE)
+        self._db_path = path_arg("db_path", db_path, _baseline.DB_PATH)
+        self._payload_path = path_arg("payload_path", payload_path, _baseline.PAYLOAD_FILE)
         self._io = choose_io(io)
         self._cursor_key = secrets.token_bytes(32) if cursor_key is None else bytes(cursor_key)
         self._lock = threading.Lock()  # protects: publishing _view, _closed, _stale, _stats, the Rebuilder
@@ -293,7 +281,10 @@ class EnhancedAuditLogService:
                     self._probe_now(current) == current.stamp):
                 return  # a compaction met a value the index cannot hold: the current view is still exact
             if view.seq is not None:  # changes logged while we read: applied before publishing
-                got = _refresh_or_none(self, view)
+                try:
+                    got = refresh(self._db, self._io, view, next(self._tickets))
+                except Exception:  # busy, say: published as it is and caught up by the next request
+                    got = None
                 view = got[0] if got is not None else view
             if current is None or view.ticket > current.ticket:
                 self._view = view
@@ -306,11 +297,4 @@ class EnhancedAuditLogService:
     def _warn_unindexable(self, problem):
         self._warnings.warn("unindexable", "%s: %s, which the in-memory index cannot hold; requests are answered "
                             "by SQLite with the baseline's query until it changes", self._db_path, problem)
-
-
-def _refresh_or_none(service, view):
-    try:
-        return refresh(service._db, service._io, view, next(service._tickets))
-    except Exception:  # busy, say: the built view is published as it is and caught up by the next request
-        return None
 
