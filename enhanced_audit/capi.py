@@ -15,7 +15,9 @@ ctypes documentation of PyDLL ("the Python GIL is not released during the functi
 sqlite.org/howtocorrupt.html, section 2.2.1 (two copies of SQLite in one process each keep their
 own POSIX lock table, so closing a file through one drops the other's locks). Hence the symbols
 are looked up through the handle of the _sqlite3 extension itself, so they resolve to the very
-copy the sqlite3 module uses, and the version and source id must equal the module's.
+copy the sqlite3 module uses; the version and source id must equal the module's, and where the
+process's global symbol scope also exports SQLite (LD_PRELOAD, an executable linking it), that
+must be the same function (else the module's calls might bind to another copy).
 What would break: a build whose extension does not export the symbols to ctypes (a static link,
 Windows) makes available() False; ENABLED = False, or io="os" on the service, forces the fallback
 (the sqlite3 module) and tests/test_mechanisms.py does.
@@ -25,6 +27,12 @@ float, str, bytes and None). A writer's lock (SQLITE_BUSY) raises the module's o
 OperationalError("database is locked"), so the caller's busy retry works unchanged. Anything else
 (a hot journal, a missing table, text that is not UTF-8) returns None, and the caller runs the same
 statement through the sqlite3 module, which raises its own exception or handles the case.
+
+Cost of keeping the GIL: whatever SQLite waits for inside a call, every thread of the process
+waits for too. With busy timeout 0 SQLite does not sleep for a writer's lock (it returns BUSY and
+the caller sleeps without the GIL), but a read that misses the OS page cache waits for the disk,
+and in WAL mode SQLite's own brief retries while another connection rebuilds the wal-index
+(walTryBeginRead) sleep inside the call. Both are rare on a local disk; io="os" avoids them.
 """
 
 __all__ = ["ENABLED", "available", "Reader"]
@@ -32,12 +40,16 @@ __all__ = ["ENABLED", "available", "Reader"]
 import ctypes
 import sqlite3
 import threading
+import weakref
 
 ENABLED = True  # False: every Reader opened from now on is refused (the sqlite3 module answers)
 
 _OK, _BUSY, _ROW, _DONE = 0, 5, 100, 101
 _INTEGER, _FLOAT, _TEXT, _BLOB, _NULL = 1, 2, 3, 4, 5
-_OPEN_READONLY, _OPEN_URI = 0x00000001, 0x00000040
+# PRIVATECACHE: never SQLite's shared cache, whose per-file mutex a user's connection could hold
+# while its Python callback waits for the GIL that this reader holds
+_OPEN_READONLY, _OPEN_URI, _OPEN_PRIVATECACHE = 0x00000001, 0x00000040, 0x00040000
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 _lib = None  # {short name: C function}, or False when unavailable; set once
 _lib_lock = threading.Lock()  # protects: _lib
@@ -60,6 +72,12 @@ def _load():
     dll.sqlite3_sourceid.restype = ctypes.c_char_p
     if (dll.sqlite3_libversion_number(), dll.sqlite3_sourceid().decode()) != _module_sqlite():
         return False  # not the library the module runs: two copies must never be mixed
+    try:
+        exported = ctypes.cast(ctypes.PyDLL(None).sqlite3_open_v2, ctypes.c_void_p).value
+    except (AttributeError, OSError):
+        exported = None  # the global scope exports no SQLite: the module's calls bind to its own library
+    if exported is not None and exported != ctypes.cast(dll.sqlite3_open_v2, ctypes.c_void_p).value:
+        return False  # another copy is exported globally, and the module's calls may bind to it
     p, i, i64, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double
     sigs = {
         "sqlite3_open_v2": (i, [ctypes.c_char_p, ctypes.POINTER(p), i, p]),
@@ -69,8 +87,9 @@ def _load():
         "sqlite3_finalize": (i, [p]),
         "sqlite3_reset": (i, [p]),
         "sqlite3_bind_int64": (i, [p, i, i64]),
+        "sqlite3_bind_parameter_count": (i, [p]),
         "sqlite3_step": (i, [p]),
-        "sqlite3_column_count": (i, [p]),
+        "sqlite3_data_count": (i, [p]),
         "sqlite3_column_type": (i, [p, i]),
         "sqlite3_column_int64": (i64, [p, i]),
         "sqlite3_column_double": (d, [p, i]),
@@ -115,7 +134,10 @@ class Reader:
         self._c = _lib
         self._db = ctypes.c_void_p()
         self._stmts = {}  # sql text -> prepared statement handle
-        rc = self._c["open_v2"](uri.encode("utf-8"), ctypes.byref(self._db), _OPEN_READONLY | _OPEN_URI, None)
+        # closed through SQLite when close() is called or, for a reader dropped unclosed, when it is collected
+        self._finalizer = weakref.finalize(self, _close_handles, self._c, self._db, self._stmts)
+        rc = self._c["open_v2"](uri.encode("utf-8"), ctypes.byref(self._db),
+                                _OPEN_READONLY | _OPEN_URI | _OPEN_PRIVATECACHE, None)
         if rc != _OK:
             self.close()
             raise OSError(f"sqlite3_open_v2({uri!r}) returned {rc}")
@@ -130,8 +152,8 @@ class Reader:
         c = self._c
         stmt = self._stmts.get(sql)
         if stmt is None:
-            if self._db is None:
-                return None
+            if not self._finalizer.alive:
+                return None  # closed
             stmt = ctypes.c_void_p()
             rc = c["prepare_v2"](self._db, sql.encode("utf-8"), -1, ctypes.byref(stmt), None)
             if rc != _OK or not stmt:
@@ -142,9 +164,11 @@ class Reader:
             self._stmts[sql] = stmt
         bind = c["bind_int64"]
         try:
+            if c["bind_parameter_count"](stmt) != len(args):
+                return None  # the module raises ProgrammingError for a wrong count
             for n, value in enumerate(args, 1):
-                if type(value) is not int or bind(stmt, n, value) != _OK:
-                    return None  # the module binds what this reader does not: let it
+                if type(value) is not int or not _INT64_MIN <= value <= _INT64_MAX or bind(stmt, n, value) != _OK:
+                    return None  # the module binds (or refuses) what this reader does not: let it
             return self._rows(stmt)
         finally:
             c["reset"](stmt)  # ends the statement's read transaction; an error is the step's, seen there
@@ -153,9 +177,8 @@ class Reader:
         c = self._c
         # hot loop: the C functions bound to locals
         step, ctype, i64, dbl = c["step"], c["column_type"], c["column_int64"], c["column_double"]
-        text, blob, size = c["column_text"], c["column_blob"], c["column_bytes"]
+        text, blob, size, count = c["column_text"], c["column_blob"], c["column_bytes"], c["data_count"]
         string_at = ctypes.string_at
-        columns = range(c["column_count"](stmt))
         rows = []
         while True:
             rc = step(stmt)
@@ -166,7 +189,7 @@ class Reader:
                     raise sqlite3.OperationalError("database is locked")
                 return None
             row = []
-            for i in columns:
+            for i in range(count(stmt)):  # per row: a statement re-prepared inside step may change it
                 kind = ctype(stmt, i)
                 if kind == _INTEGER:
                     row.append(i64(stmt, i))
@@ -188,13 +211,8 @@ class Reader:
             rows.append(tuple(row))
 
     def close(self):
-        """Finalize every statement and close the connection. Idempotent."""
-        for stmt in self._stmts.values():
-            self._c["finalize"](stmt)
-        self._stmts = {}
-        if self._db is not None:
-            self._c["close_v2"](self._db)
-            self._db = None
+        """Finalize every statement and close the connection (through SQLite). Idempotent."""
+        self._finalizer()
 
     def __enter__(self):
         return self
@@ -202,3 +220,13 @@ class Reader:
     def __exit__(self, *exc_info):
         self.close()
         return False
+
+
+def _close_handles(c, db, stmts):
+    """Finalize `stmts` and close `db` through SQLite, which keeps other connections' locks."""
+    for stmt in stmts.values():
+        c["finalize"](stmt)
+    stmts.clear()
+    if db.value is not None:
+        c["close_v2"](db)
+        db.value = None

@@ -53,8 +53,13 @@ def pragma(conn, name):
 
 def is_busy(exc):
     """True for SQLITE_BUSY / SQLITE_LOCKED as the sqlite3 module reports them."""
-    text = str(exc)
-    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (and their extended codes)
+    # older Pythons: SQLite's own messages for those codes, not any message that quotes a value
+    return str(exc).startswith(("database is locked", "database table is locked", "database schema is locked"))
 
 
 def retry_busy(attempt, deadline):
@@ -116,27 +121,26 @@ class Database:
         self._close_kept()  # opened for a file since replaced: it would keep reading that file
         conn = self.connect(timeout=0)
         reader = None
-        if self._io.name == "libc" and capi.available():
-            try:
-                reader = capi.Reader(self.uri())
-            except OSError:
-                reader = None  # the sqlite3 module answers
-        if self.file_id() != fid:  # replaced between the caller's look and these opens
-            conn.close()
-            if reader is not None:
-                reader.close()
-            return None
-        self._kept, self._kept_fid, self.reader = conn, fid, reader
-        return conn
+        try:
+            if self._io.name == "libc" and capi.available():
+                try:
+                    reader = capi.Reader(self.uri())
+                except OSError:
+                    reader = None  # the sqlite3 module answers
+            if self.file_id() == fid:
+                self._kept, self._kept_fid, self.reader = conn, fid, reader
+                return conn
+        except BaseException:  # the file gone between the opens, say: nothing opened here stays open
+            _close_both(conn, reader)
+            raise
+        _close_both(conn, reader)  # replaced between the caller's look and these opens
+        return None
 
     def _close_kept(self):
         """Close the kept connection and its reader (through SQLite). The caller holds kept_lock."""
         kept, reader = self._kept, self.reader
         self._kept = self._kept_fid = self.reader = None
-        if kept is not None:
-            kept.close()
-        if reader is not None:
-            reader.close()
+        _close_both(kept, reader)
 
     def run(self, conn, fn, *args):
         """fn(conn, *args), after rolling back a hot journal if a read-only connection meets one."""
@@ -199,6 +203,16 @@ class Database:
         except sqlite3.Error as failed:
             raise exc from failed
         log.warning("%s: rolled back a hot journal left by a writer that died mid-transaction", self.path)
+
+
+def _close_both(conn, reader):
+    """Close a kept connection and its reader (either may be None), the reader even if the first close raises."""
+    try:
+        if conn is not None:
+            conn.close()
+    finally:
+        if reader is not None:
+            reader.close()
 
 
 def _fetch(conn, sql, args):

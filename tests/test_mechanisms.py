@@ -15,7 +15,7 @@ from unittest import mock
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
-from enhanced_audit import capi, changelog, fileio, probe
+from enhanced_audit import capi, changelog, db as dbmod, fileio, probe
 from tests.support import DataCopy, append_events, baseline_answer
 from tests.test_guest import set_journal
 
@@ -71,6 +71,9 @@ class Fallbacks(unittest.TestCase):
     def test_with_the_c_api(self):
         if not capi.available() or fileio.choose_io("auto").name != "libc":
             self.skipTest("the SQLite C API is not available through ctypes here")
+        import ctypes
+        self.assertTrue(all(f._flags_ & ctypes._FUNCFLAG_PYTHONAPI for f in capi._lib.values()),
+                        "every C function called with the GIL kept (ctypes.PyDLL)")
         answered = []
 
         def fetchall(reader, sql, args=()):
@@ -113,7 +116,7 @@ class CapiReader(unittest.TestCase):
             conn.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v)")
             conn.executemany("INSERT INTO t VALUES (?, ?)", [
                 (1, 7), (2, -2 ** 63), (3, 2 ** 63 - 1), (4, 1.5), (5, "text é ✓"), (6, b"\x00\xffbytes"),
-                (7, None), (8, ""), (9, b""), (10, 1e300)])
+                (7, None), (8, ""), (9, b""), (10, 1e300), (12, "nul\x00inside")])
         conn.close()
         self.module = sqlite3.connect(self.db)
         self.reader = capi.Reader("file:" + self.db + "?mode=ro")
@@ -141,19 +144,50 @@ class CapiReader(unittest.TestCase):
         self.assertIsNone(self.reader.fetchall("SELECT v FROM t WHERE k = ?", (11,)))
         self.assertIsNone(self.reader.fetchall("SELECT v FROM missing"))
         self.assertIsNone(self.reader.fetchall("SELECT v FROM t WHERE k = ?", ("1",)))  # only int arguments
+        self.assertIsNone(self.reader.fetchall("SELECT v FROM t WHERE k = ?", (2 ** 63,)))  # the module: OverflowError
+        self.assertIsNone(self.reader.fetchall("SELECT v FROM t WHERE k = ?", ()))  # the module: ProgrammingError
 
     def test_a_writers_lock_raises_the_modules_locked(self):
         writer = sqlite3.connect(self.db, isolation_level=None)
         try:
-            self.assertEqual(self.reader.fetchall("SELECT count(*) FROM t"), [(10,)])  # prepared: the step meets it
+            self.assertEqual(self.reader.fetchall("SELECT count(*) FROM t"), [(11,)])  # prepared: the step meets it
             writer.execute("BEGIN EXCLUSIVE")
             with self.assertRaises(sqlite3.OperationalError) as caught:
                 self.reader.fetchall("SELECT count(*) FROM t")
             self.assertIn("locked", str(caught.exception))
             writer.execute("ROLLBACK")
-            self.assertEqual(self.reader.fetchall("SELECT count(*) FROM t"), [(10,)])
+            self.assertEqual(self.reader.fetchall("SELECT count(*) FROM t"), [(11,)])
         finally:
             writer.close()
+
+    def test_closed_through_sqlite_however_it_ends(self):
+        fds = lambda: len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0  # noqa: E731
+        before = fds()
+        self.reader.close()
+        self.assertIsNone(self.reader.fetchall("SELECT count(*) FROM t"))  # never a freed handle
+        self.assertEqual(fds(), before - 1)
+        dropped = capi.Reader("file:" + self.db + "?mode=ro")
+        self.assertEqual(dropped.fetchall("SELECT count(*) FROM t"), [(11,)])
+        del dropped  # never closed by its user: collected, then closed
+        self.assertEqual(fds(), before - 1)
+        with DataCopy(rows=300) as data:
+            db = dbmod.Database(data.db, fileio.choose_io("auto"))
+            db.kept(db.file_id())
+            if db.reader is not None:
+                self.assertEqual(fds(), before + 1)  # the kept connection and its reader
+            db.close()
+            self.assertIsNone(db.reader)
+            self.assertEqual(fds(), before - 1)
+
+    def test_busy_is_told_by_sqlites_code_not_by_a_quoted_value(self):
+        with sqlite3.connect(":memory:") as conn:
+            conn.execute("CREATE TABLE t (v)")
+            conn.execute("INSERT INTO t VALUES (CAST(x'ff206c6f636b6564' AS TEXT))")  # b"\xff locked"
+            with self.assertRaises(sqlite3.OperationalError) as caught:
+                conn.execute("SELECT v FROM t").fetchall()
+        conn.close()
+        self.assertFalse(dbmod.is_busy(caught.exception), str(caught.exception))
+        self.assertTrue(dbmod.is_busy(sqlite3.OperationalError("database is locked")))
 
     def test_disabled(self):
         with mock.patch.object(capi, "ENABLED", False):
