@@ -184,12 +184,15 @@ def measure(size, mode, pattern, impl, seconds, concurrency):
                     with writer(folder, pattern) as report:
                         row.update(read_for(timed(service.handle_request), seconds, concurrency))
                     after = service.stats()
-                if impl == "enhanced+log" and capi.available() and not after["capi"]:
+                if impl == "enhanced+log" and capi.available() and after["refreshes"] and not after["capi"]:
                     print(f"  note: {size} {mode} {pattern}: catch-ups ran through the sqlite3 module", file=sys.stderr)
                 stats = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
                 row.update(refreshes=stats["refreshes"], rebuilds=stats["full_rebuilds"],
                            fallbacks=stats["fallback_answers"],
-                           refresh_us=stats["refresh_seconds"] / stats["refreshes"] * 1e6 if stats["refreshes"] else 0.0)
+                           refresh_us=stats["refresh_seconds"] / stats["refreshes"] * 1e6 if stats["refreshes"] else 0.0,
+                           # requests whose catch-up met a writer's lock, and how long they waited for it
+                           lock_waits_pct=stats["lock_waits"] / row["requests"] * 100,
+                           lock_wait_ms=stats["lock_wait_seconds"] / stats["lock_waits"] * 1e3 if stats["lock_waits"] else 0.0)
         row.update(report)
     finally:
         capi.ENABLED = True
@@ -307,17 +310,20 @@ def median_rows(per_round):
 
 def print_table(rows, args, what):
     for r in rows:
-        for k in ("rps_x", "p99_x", "p999_x", "commits_per_s", "commit_p99_ms", "refresh_us"):
+        for k in ("rps_x", "p99_x", "p999_x", "commits_per_s", "commit_p99_ms", "refresh_us", "lock_waits_pct",
+                  "lock_wait_ms"):
             r.setdefault(k, float("nan"))
         for k in ("rebuilds", "fallbacks"):
             r.setdefault(k, "")
     table(f"runner.run at concurrency {args.concurrency}, {args.seconds:g} s of requests a run; x: ratio to the "
-          f"same size, mode and implementation with no writer, {what}", rows, [
-              ("size", "size", 5, ""), ("mode", "mode", 9, ""), ("writer", "writer", 10, ""), ("impl", "impl", 13, ""),
+          f"same size, mode and implementation with no writer; waits %: requests whose catch-up met a writer's "
+          f"lock, wait ms: their mean wait for it; {what}", rows, [
+              ("size", "size", 5, ""), ("mode", "mode", 9, ""), ("writer", "writer", 10, ""), ("impl", "impl", 20, ""),
               ("rps", "rps", 8, ".0f"), ("p50_ms", "p50 ms", 8, ".2f"), ("p99_ms", "p99 ms", 9, ".2f"),
               ("p999_ms", "p99.9 ms", 10, ".2f"), ("max_ms", "max ms", 9, ".1f"), ("rps_x", "rps x", 7, ".2f"),
               ("p99_x", "p99 x", 7, ".2f"), ("p999_x", "p99.9 x", 8, ".2f"), ("commits_per_s", "commit/s", 9, ".1f"),
               ("commit_p99_ms", "commit p99", 11, ".2f"), ("refresh_us", "refresh us", 11, ".0f"),
+              ("lock_waits_pct", "waits %", 8, ".2f"), ("lock_wait_ms", "wait ms", 8, ".2f"),
               ("rebuilds", "rebuilds", 9, ""), ("fallbacks", "fallbacks", 10, "")])
 
 

@@ -5,8 +5,8 @@ call. Under load the request threads are runnable: one of them takes the GIL at 
 runs into the stale view and blocks on the service lock. When the catch-up is published, every
 one of those threads wants the GIL back at once, and CPython hands it over one switch interval
 (5 ms) at a time, so the k-th request that waited takes about k x 5 ms. ctypes.PyDLL calls keep
-the GIL: the catch-up runs start to end inside its own request, and nobody else sees the stale
-view. The A/B (this reader against the sqlite3 module, one run of bench/live_writes.py with the
+the GIL: the catch-up's statement runs inside its own request, and no other request runs into the
+stale view meanwhile (unless a switch interval ends in the Python code around it). The A/B (this reader against the sqlite3 module, one run of bench/live_writes.py with the
 impl "enhanced+log:module") is in docs/live-writes.md.
 
 Documents relied on: sqlite.org/c3ref (sqlite3_open_v2, sqlite3_prepare_v2, sqlite3_step,

@@ -12,7 +12,7 @@ import sqlite3
 import time
 
 from . import changelog, probe
-from .db import BUSY_TIMEOUT, pragma, retry_busy
+from .db import BUSY_TIMEOUT, is_busy, pragma, retry_busy
 from .index import Delta
 
 _COMPACT_AT = 1 / 16  # fold the delta into a new base once it holds this share of the rows...
@@ -24,30 +24,47 @@ def catch_up(service, ticket):
     up (the request is then answered by SQLite, and a background build starts).
 
     Raises sqlite3.OperationalError("database is locked") after the baseline's 5 s busy timeout.
+    A request whose try met a writer's lock adds one to stats()["lock_waits"] then, and once answered,
+    the time since to "lock_wait_seconds".
     """
     deadline = time.monotonic() + BUSY_TIMEOUT
     lock = service._lock
+    first_wait = []  # perf_counter() of this request's first try that met a writer's lock
 
     def attempt():
         if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise sqlite3.OperationalError("database is locked")  # a full build holds it this long
         try:
-            view = service._current()
-            if view.ticket > ticket:
-                return view  # a catch-up that began after our look has our commit
-            started = time.perf_counter()
-            got = refresh(service._db, service._io, view, service._next_ticket())
-            if got is None:
-                service._mark_stale(view)
-                return None
-            new, changes = got
-            service._publish(new, changes=changes, refresh_seconds=time.perf_counter() - started)
-            if new.delta is not None and len(new.delta) >= max(_COMPACT_MIN, new.base.n * _COMPACT_AT):
-                service._rebuilder.start(compaction=True)
-            return new
+            view = _one_try(service, ticket)
+        except sqlite3.OperationalError as exc:
+            if not first_wait and is_busy(exc):
+                first_wait.append(time.perf_counter())
+                service._stats["lock_waits"] += 1
+            raise
+        else:
+            if first_wait:
+                service._stats["lock_wait_seconds"] += time.perf_counter() - first_wait[0]
+            return view
         finally:
             lock.release()
     return retry_busy(attempt, deadline)
+
+
+def _one_try(service, ticket):
+    """One try of catch_up(). The caller holds the service's lock."""
+    view = service._current()
+    if view.ticket > ticket:
+        return view  # a catch-up that began after our look has our commit
+    started = time.perf_counter()
+    got = refresh(service._db, service._io, view, service._next_ticket())
+    if got is None:
+        service._mark_stale(view)
+        return None
+    new, changes = got
+    service._publish(new, changes=changes, refresh_seconds=time.perf_counter() - started)
+    if new.delta is not None and len(new.delta) >= max(_COMPACT_MIN, new.base.n * _COMPACT_AT):
+        service._rebuilder.start(compaction=True)
+    return new
 
 
 def refresh(db, io, view, ticket):
@@ -59,7 +76,7 @@ def refresh(db, io, view, ticket):
     Steps: the file id (a replaced file is never caught up from another file's log); on the kept
     connection, the state first (so the stamp is never newer than the data), then the changes in
     one statement (changelog.py), read through the kept connection's capi.Reader where there is one
-    (it keeps the GIL, so no other request runs into the stale view meanwhile); then Delta.apply
+    (it keeps the GIL, so no other request runs into the stale view while it reads); then Delta.apply
     (index.py).
     """
     if view.seq is None or view.base is None:

@@ -40,9 +40,13 @@ _INSTALLED = (f"SELECT count(*) FROM sqlite_master WHERE (type = 'table' AND nam
 # oldest and newest seq, and whether the entry `since` itself is still there), then each change
 # after `since` with the changed row as it is now (NULL columns when it is gone). Every sqlite3
 # step gives up the GIL, so a catch-up makes as few steps as it can.
+# min(seq) and max(seq) each in its own subquery: SQLite answers a lone min() or max() of the
+# rowid with one b-tree descent, but scans the whole table for the two side by side (up to KEEP
+# entries: 7 ms a catch-up with a full log, bench/catchup_cost.py). Each term here is O(log KEEP).
 _READ = f"""
-SELECT 0, (SELECT schema_version FROM pragma_schema_version), min(seq), max(seq),
-       (SELECT count(*) FROM {TABLE} WHERE seq = ?1), NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM {TABLE}
+SELECT 0, (SELECT schema_version FROM pragma_schema_version), (SELECT min(seq) FROM {TABLE}),
+       (SELECT max(seq) FROM {TABLE}), (SELECT count(*) FROM {TABLE} WHERE seq = ?1),
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL
 UNION ALL
 SELECT 1, c.seq, c.row_id, c.old_created_at, e.id, e.created_at, e.actor_id, e.action, e.resource_type,
        e.resource_id, e.payload_offset, e.payload_len

@@ -33,7 +33,7 @@ from .query import check_fields, parse, path_arg
 from .rebuild import RateLimitedLog, Rebuilder
 
 _STATS = ("refreshes", "changes_applied", "full_rebuilds", "background_rebuilds", "stale_rebuilds",
-          "fallback_answers")
+          "fallback_answers", "lock_waits")
 
 
 class ServiceClosed(ValueError):
@@ -60,7 +60,7 @@ class EnhancedAuditLogService:
         self._stale = None  # the stamp at which the view was found stale (no catch-up possible)
         self._tickets = count(1)  # orders change detections against the reads of views
         self._stats = dict.fromkeys(_STATS, 0)
-        self._stats["refresh_seconds"] = 0.0
+        self._stats["refresh_seconds"] = self._stats["lock_wait_seconds"] = 0.0
         self._warnings = RateLimitedLog()
         self._open_parts()
 
@@ -115,9 +115,10 @@ class EnhancedAuditLogService:
 
     def stats(self):
         """Counters since construction (refreshes, refresh_seconds, changes_applied, full_rebuilds,
-        background_rebuilds, stale_rebuilds, fallback_answers) and the state now: io, capi (catch-ups
-        read through capi.py, which keeps the GIL), indexed (the view has an index), rebuilding (a
-        background build runs), closed, sqlite_descriptors (the process-wide table of files.py)."""
+        background_rebuilds, stale_rebuilds, fallback_answers, lock_waits, lock_wait_seconds: catchup.py)
+        and the state now: io, capi (catch-ups read through capi.py, which keeps the GIL), indexed (the
+        view has an index), rebuilding (a background build runs), closed, sqlite_descriptors (the
+        process-wide table of files.py)."""
         with self._lock:
             out = dict(self._stats)
             view = self._view

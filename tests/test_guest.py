@@ -103,6 +103,39 @@ class ReopenAfterClose(unittest.TestCase):
 class NoConvoy(unittest.TestCase):
     """K requests behind one writer's lock each wait about as long as one request would."""
 
+    @staticmethod
+    @contextlib.contextmanager
+    def exclusive_writer(db, hold):
+        """Another process holds `db`'s exclusive lock for `hold` seconds from entry, then rolls back."""
+        holder = subprocess.Popen([sys.executable, "-c", (
+            "import sqlite3, sys, time\n"
+            "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(float(sys.argv[2]))\n"
+            "c.execute('ROLLBACK')\n"), db, str(hold)], stdout=subprocess.PIPE, text=True)
+        try:
+            if holder.stdout.readline().strip() != "held":
+                raise AssertionError("the writer did not take its lock")
+            yield
+        finally:
+            holder.wait()
+            holder.stdout.close()
+
+    def test_a_wait_for_a_writer_is_counted(self):
+        with DataCopy(rows=300) as data:
+            changelog.install(data.db)
+            with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+                service.execute(ALL)
+                append_events(data.db, data.payloads, [(10 ** 10, 1, "UPDATE")])  # the view is one behind
+                with self.exclusive_writer(data.db, 0.4):
+                    t0 = time.monotonic()
+                    answer = service.execute(ALL)
+                    waited = time.monotonic() - t0
+                stats = service.stats()
+            self.assertEqual(answer["events"][0]["created_at"], 10 ** 10)
+            self.assertEqual(stats["lock_waits"], 1, stats)
+            self.assertGreater(stats["lock_wait_seconds"], 0.2, stats)
+            self.assertLessEqual(stats["lock_wait_seconds"], waited, stats)
+
     def test_requests_behind_an_exclusive_writer_give_up_together(self):
         timeout, hold, k = 0.6, 2.5, 4
         with DataCopy(rows=300) as data, mock.patch.object(catchup, "BUSY_TIMEOUT", timeout):
@@ -110,13 +143,7 @@ class NoConvoy(unittest.TestCase):
             with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
                 service.execute(ALL)
                 append_events(data.db, data.payloads, [(10 ** 10, 1, "UPDATE")])  # the view is one behind
-                holder = subprocess.Popen([sys.executable, "-c", (
-                    "import sqlite3, sys, time\n"
-                    "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-                    "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(float(sys.argv[2]))\n"
-                    "c.execute('ROLLBACK')\n"), data.db, str(hold)], stdout=subprocess.PIPE, text=True)
-                try:
-                    self.assertEqual(holder.stdout.readline().strip(), "held")
+                with self.exclusive_writer(data.db, hold):
 
                     def one():
                         t0 = time.monotonic()
@@ -124,9 +151,7 @@ class NoConvoy(unittest.TestCase):
                         return kind, time.monotonic() - t0
                     with ThreadPoolExecutor(k) as pool:
                         results = list(pool.map(lambda _: one(), range(k)))
-                finally:
-                    holder.wait()
-                    holder.stdout.close()
+                self.assertEqual(service.stats()["lock_waits"], k)
             kinds = [r[0] for r in results]
             waits = [r[1] for r in results]
             self.assertEqual(kinds, ["raise"] * k, "each request gives up, as the baseline's would")
