@@ -11,12 +11,11 @@ import contextlib
 import os
 import shutil
 import sqlite3
-import statistics
 import subprocess
 import sys
 import time
 
-from common import ROOT, emit_json, table
+from common import ROOT, emit_json, median_rows, table
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
@@ -95,7 +94,7 @@ def measure(mode, entries, commits):
         fail(f"{mode} {entries}: {refreshes} catch-ups and {after['full_rebuilds'] - before['full_rebuilds']} "
              f"full builds for {commits} commits")
     ordered = sorted(request_ms)
-    return {"mode": mode, "entries": entries, "request_p50_ms": percentile(ordered, 0.5),
+    return {"mode": "rollback" if mode == "DELETE" else "wal", "entries": entries, "request_p50_ms": percentile(ordered, 0.5),
             "request_p99_ms": percentile(ordered, 0.99),
             "refresh_us": (after["refresh_seconds"] - before["refresh_seconds"]) / refreshes * 1e6}
 
@@ -118,12 +117,7 @@ def main():
     rounds = []
     for _ in range(args.rounds):  # interleaved: drift on a shared machine hits every fill alike
         rounds.append([measure(mode, entries, args.commits) for mode in ("DELETE", "WAL") for entries in fills])
-    out = []
-    for same in zip(*rounds):
-        row = dict(same[0], mode="rollback" if same[0]["mode"] == "DELETE" else "wal")
-        for k in ("request_p50_ms", "request_p99_ms", "refresh_us"):
-            row[k] = statistics.median(r[k] for r in same)
-        out.append(row)
+    out = median_rows(rounds)
     for row in out:
         empty = next(r for r in out if r["mode"] == row["mode"] and r["entries"] == 0)
         row["x_empty"] = row["refresh_us"] / empty["refresh_us"]

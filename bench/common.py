@@ -1,6 +1,6 @@
 """Shared benchmark helpers: run from the repository root, median-of-rounds through runner.run, tables."""
 
-__all__ = ["ROOT", "KEYS", "CONTRACT_SQL", "measure", "measure_interleaved", "table", "emit_json"]
+__all__ = ["ROOT", "KEYS", "CONTRACT_SQL", "measure", "measure_interleaved", "median_rows", "table", "emit_json"]
 
 import json
 import os
@@ -46,6 +46,21 @@ def measure_interleaved(loads, concurrency, total, rounds, warmup=100):
         out[name] = {k: statistics.median(r[k] for r in rs) for k in KEYS}
         out[name]["p99_rounds"] = [round(r["p99_ms"], 3) for r in rs]
         out[name]["rps_ratio_rounds"] = [round(r["rps"] / f["rps"], 3) for r, f in zip(rs, first)]
+    return out
+
+
+def median_rows(per_round):
+    """One row per set-up: the median over rounds of each measured figure (ratios taken within each round)."""
+    out = []
+    for same in zip(*per_round):
+        row = dict(same[0])
+        for k in set().union(*same):
+            # a figure a round did not produce (None, NaN, absent: no retention delete, no writer) is left out
+            values = [r[k] for r in same if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+                      and r[k] == r[k]]  # NaN: no figure either
+            if values:  # a figure equal in every round (a size, a count asked for) stays as it is
+                row[k] = values[0] if values.count(values[0]) == len(values) else statistics.median(values)
+        out.append(row)
     return out
 
 

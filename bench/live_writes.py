@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from common import ROOT, emit_json, table
+from common import ROOT, emit_json, median_rows, table
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
@@ -291,21 +291,6 @@ def save_rounds(rounds):
     os.makedirs(LIVE, exist_ok=True)
     with open(os.path.join(LIVE, "rounds.json"), "w") as f:
         json.dump(rounds_json(rounds), f, default=str)
-
-
-def median_rows(per_round):
-    """One row per set-up: the median over rounds of each measured figure (ratios taken within each round)."""
-    out = []
-    for same in zip(*per_round):
-        row = dict(same[0])
-        for k in set().union(*same):
-            # a figure a round did not produce (None, NaN, absent: no retention delete, no writer) is left out
-            values = [r[k] for r in same if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
-                      and r[k] == r[k]]  # NaN: no figure either
-            if values:
-                row[k] = statistics.median(values)
-        out.append(row)
-    return out
 
 
 def print_table(rows, args, what):
