@@ -143,10 +143,12 @@ class Reader:
             raise OSError(f"sqlite3_open_v2({uri!r}) returned {rc}")
         self._c["busy_timeout"](self._db, 0)
 
-    def fetchall(self, sql, args=()):
+    def fetchall(self, sql, args=(), during=None):
         """What `conn.execute(sql, args).fetchall()` would return (int arguments only), or None when
         this reader cannot answer it exactly (see the module docstring). O(rows x columns).
 
+        `during`: called with no argument once the first row is stepped, while the statement holds
+        its read transaction (not called for a statement without rows).
         Raises sqlite3.OperationalError("database is locked") while a writer's lock holds readers off.
         """
         c = self._c
@@ -169,11 +171,11 @@ class Reader:
             for n, value in enumerate(args, 1):
                 if type(value) is not int or not _INT64_MIN <= value <= _INT64_MAX or bind(stmt, n, value) != _OK:
                     return None  # the module binds (or refuses) what this reader does not: let it
-            return self._rows(stmt)
+            return self._rows(stmt, during)
         finally:
             c["reset"](stmt)  # ends the statement's read transaction; an error is the step's, seen there
 
-    def _rows(self, stmt):
+    def _rows(self, stmt, during):
         c = self._c
         # hot loop: the C functions bound to locals
         step, ctype, i64, dbl = c["step"], c["column_type"], c["column_int64"], c["column_double"]
@@ -188,6 +190,9 @@ class Reader:
                 if rc == _BUSY:
                     raise sqlite3.OperationalError("database is locked")
                 return None
+            if during is not None:
+                during()
+                during = None
             row = []
             for i in range(count(stmt)):  # per row: a statement re-prepared inside step may change it
                 kind = ctype(stmt, i)

@@ -74,10 +74,13 @@ def refresh(db, io, view, ticket):
     module's "database is locked" when a writer's lock is met.
 
     Steps: the file id (a replaced file is never caught up from another file's log); on the kept
-    connection, the state first (so the stamp is never newer than the data), then the changes in
-    one statement (changelog.py), read through the kept connection's capi.Reader where there is one
-    (it keeps the GIL, so no other request runs into the stale view while it reads); then Delta.apply
-    (index.py).
+    connection, the changes in one statement (changelog.py), read through the kept connection's
+    capi.Reader where there is one (it keeps the GIL, so no other request runs into the stale view
+    while it reads); then Delta.apply (index.py). The state the new view is stamped with: in
+    rollback-journal mode the change counter read while that statement holds its read transaction,
+    so it is the state of the rows read, also after a hot journal was rolled back (a writer killed
+    inside its COMMIT leaves the next commit's counter in the file beside its journal); in WAL mode
+    (or by PRAGMA data_version) read before the statement, so the stamp is never newer than the data.
     """
     if view.seq is None or view.base is None:
         return None
@@ -88,15 +91,21 @@ def refresh(db, io, view, ticket):
         conn = db.kept(fid)
         if conn is None:
             return None  # replaced since the look above: the new file gets a full build
-        state = _state(db, io, view, conn)
-        if state is _SWITCHED:
-            return None
+        counted = []  # rollback journal: the counter, read inside the statement's read transaction
+        if view.probe is not None and not view.wal:
+            state, during = None, lambda: counted.append(_counter(io, view))
+        else:
+            state, during = _state(db, io, view, conn), None
         try:
-            schema, seq, changes = db.run(conn, changelog.read_changes, view.seq, db.reader)
+            schema, seq, changes = db.run(conn, changelog.read_changes, view.seq, db.reader, during)
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
                 return None  # the log was removed
             raise
+    if counted:
+        state = counted[-1]  # the last read: after a hot journal's rollback, db.run read again
+    if state is _SWITCHED:
+        return None
     if schema != view.schema or seq is None:
         return None  # a schema change (the log reinstalled, say), or fallen behind the log
     if len(changes) > max(_COMPACT_MIN, view.base.n // 4):
@@ -115,11 +124,14 @@ _SWITCHED = object()  # the database left rollback-journal mode: a full build se
 
 
 def _state(db, io, view, conn):
-    """The view's kind of state, read now: wal-index header, change counter, or data_version."""
+    """The state of a WAL view (wal-index header) or of one without a probe (data_version), read now."""
     if view.probe is None:
         return db.run(conn, pragma, "data_version")
-    if view.wal:
-        return probe.wal_state(io.pread, view.probe[0])
+    return probe.wal_state(io.pread, view.probe[0])
+
+
+def _counter(io, view):
+    """The change counter of a rollback-journal view's file, or _SWITCHED once the file is in WAL mode."""
     header = io.pread(view.probe[0], probe.COUNTER[0] + probe.COUNTER[1], 0)
     if probe.is_wal(header):
         return _SWITCHED

@@ -105,18 +105,23 @@ def newest(conn):
     return conn.execute(_NEWEST).fetchone()[0]
 
 
-def read_changes(conn, since, reader=None):
+def read_changes(conn, since, reader=None, during=None):
     """(schema_version, newest seq, [(row id, old created_at, current row or None)]) of one snapshot.
 
     The newest seq is None when the reader cannot trust the log from `since` on: entries after it
     were pruned, or the entry `since` itself is gone (the table was emptied by hand, and a restarted
     seq would later pass `since` and skip entries). Then the reader rebuilds in full.
     O(changes) rows read. `reader`: a capi.Reader on the same file, tried first (it keeps the
-    GIL); `conn` answers whatever the reader cannot.
+    GIL); `conn` answers whatever the reader cannot. `during`: called with no argument while the
+    statement holds its read transaction (after its first row), once per connection that reads:
+    in rollback-journal mode no commit and no hot-journal rollback can change the file then.
     """
-    rows = None if reader is None else reader.fetchall(_READ, (since,))
+    rows = None if reader is None else reader.fetchall(_READ, (since,), during)
     if rows is None:
-        rows = conn.execute(_READ, (since,)).fetchall()
+        cursor = conn.execute(_READ, (since,))  # the first row is stepped: the read transaction is held
+        if during is not None:
+            during()
+        rows = cursor.fetchall()
     rows.sort(key=_kind_then_seq)
     _, schema, lowest, newest, since_kept = rows[0][:5]
     if since > 0 and not since_kept:

@@ -76,9 +76,9 @@ class Fallbacks(unittest.TestCase):
                         "every C function called with the GIL kept (ctypes.PyDLL)")
         answered = []
 
-        def fetchall(reader, sql, args=()):
-            answered.append(real(reader, sql, args) is not None)
-            return real(reader, sql, args)
+        def fetchall(reader, sql, args=(), during=None):
+            answered.append(real(reader, sql, args, during) is not None)
+            return real(reader, sql, args, during)
         real = capi.Reader.fetchall
         for mode in ("DELETE", "WAL"):
             with mock.patch.object(capi.Reader, "fetchall", fetchall):
