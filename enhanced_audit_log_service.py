@@ -1,38 +1,114 @@
-"""Drop-in audit-log query service: an in-memory keyset index over the baseline's data, same answers."""
+"""Drop-in audit-log query service: an in-memory keyset index over the baseline's data, same answers.
 
-__all__ = ["EnhancedAuditLogService", "Query", "ServiceClosed", "init", "execute", "handle_request", "close",
+`import enhanced_audit_log_service as audit_log_service` in code written for the baseline:
+
+- Names: DB_PATH, PAYLOAD_FILE, SEED_ROWS, MAX_PAGE, NOTE_MIN_CHARS, NOTE_MAX_CHARS and Query, with
+  the baseline's values; init(), handle_request() and execute(query), plus close().
+- Paths: the module's functions use one service, made for DB_PATH and PAYLOAD_FILE as they are at
+  init(), or at the first request when there was no init(). Code that sets them before init()
+  gets those files. Set later, they take effect at the next init() after close(); until then the
+  open service keeps its files. After close() a request raises ServiceClosed until init().
+- Seeding, at init() only, where the baseline's init() would seed: when DB_PATH does not exist.
+  With the baseline module's own paths and values (SEED_ROWS, NOTE_MIN_CHARS, NOTE_MAX_CHARS) it
+  is the baseline's init() in this process, as it would be there; otherwise the baseline's init()
+  runs in a new interpreter with this module's settings (enhanced_audit/seeding.py), so the new
+  files hold what a fresh baseline process writes, and this process's baseline module (its paths,
+  random generator and once-only seeding) is untouched. A failure raises the baseline's exception
+  type (sqlite3.OperationalError for a folder that does not exist). A database that exists is
+  used as it is: it is never written (one without the audit_events table raises
+  sqlite3.OperationalError, at init() or at a request).
+- A request before init() never seeds: without data it raises sqlite3.OperationalError, as the
+  baseline's request does, and creates no file (the baseline's leaves an empty database behind).
+"""
+
+__all__ = ["EnhancedAuditLogService", "Query", "ServiceClosed", "DB_PATH", "PAYLOAD_FILE", "SEED_ROWS", "MAX_PAGE",
+           "NOTE_MIN_CHARS", "NOTE_MAX_CHARS", "init", "execute", "handle_request", "close",
            "install_change_log", "uninstall_change_log"]
 
+import os
 import sys
+import threading
 
-from audit_log_service import MAX_PAGE, Query  # noqa: F401  (re-exported: a drop-in module)
+import audit_log_service as _baseline
+from audit_log_service import (DB_PATH, MAX_PAGE, NOTE_MAX_CHARS, NOTE_MIN_CHARS, PAYLOAD_FILE,  # noqa: F401
+                               SEED_ROWS, Query)  # re-exported: a drop-in module
 from enhanced_audit import changelog as _changelog
+from enhanced_audit.seeding import seed_in_new_interpreter as _seed_in_new_interpreter
 from enhanced_audit.service import EnhancedAuditLogService, ServiceClosed
 
 # --------------------------------------------------------------------------------------------
 # Module-level drop-in: `import enhanced_audit_log_service as audit_log_service`
 
-_default = EnhancedAuditLogService()
+_default = None  # the service of the module's functions; None until init() or a first request opens one
+_default_lock = threading.Lock()  # protects: replacing _default (init, a first request); held while one opens
 
 
 def init():
-    """Initialise the default service (seeding through the baseline when needed)."""
-    _default.init()
+    """Open the default service on DB_PATH and PAYLOAD_FILE as they are now, seeding where the
+    baseline's init() would (see the module docstring). Idempotent while it is open; after
+    close(), opens a new one, reading the settings again. O(n log n), plus any seeding.
+    """
+    global _default
+    with _default_lock:
+        if _default is not None and not _default.stats()["closed"]:
+            return
+        service = EnhancedAuditLogService(DB_PATH, PAYLOAD_FILE)  # checks the paths, names them
+        try:
+            if not os.path.exists(DB_PATH) and not _baseline_seeds_these():
+                _seed_in_new_interpreter(DB_PATH, PAYLOAD_FILE, SEED_ROWS, NOTE_MIN_CHARS, NOTE_MAX_CHARS)
+            service.init()  # the baseline's own paths: the baseline's init() first, in this process
+        except BaseException:
+            service.close()
+            raise
+        _default = service
+
+
+def _baseline_seeds_these():
+    """True when the baseline's init() in this process seeds what this module's settings ask for."""
+    same = os.path.abspath(DB_PATH) == os.path.abspath(_baseline.DB_PATH) and (
+        os.path.abspath(PAYLOAD_FILE) == os.path.abspath(_baseline.PAYLOAD_FILE))
+    return same and (SEED_ROWS, NOTE_MIN_CHARS, NOTE_MAX_CHARS) == (
+        _baseline.SEED_ROWS, _baseline.NOTE_MIN_CHARS, _baseline.NOTE_MAX_CHARS)
+
+
+def _first_use():
+    """The default service for a request before init(): opened on the files as they are, never
+    seeded. Nothing is kept when that raises, so the next call reads the settings again."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            service = EnhancedAuditLogService(DB_PATH, PAYLOAD_FILE)
+            try:
+                service.init(seed=False)
+            except BaseException:
+                service.close()
+                raise
+            _default = service
+        return _default
 
 
 def execute(query):
     """Answer one query on the default service. O(log n + page_size)."""
-    return _default.execute(query)
+    service = _default
+    if service is None:
+        service = _first_use()
+    return service.execute(query)
 
 
 def handle_request():
     """The baseline's handle_request(), answered by the default service. O(log n + page_size)."""
-    return _default.handle_request()
+    service = _default
+    if service is None:
+        service = _first_use()
+    return service.handle_request()
 
 
 def close():
-    """Close the default service; init() reopens it."""
-    _default.close()
+    """Close the default service; init() opens a new one on the settings of then. Idempotent."""
+    with _default_lock:  # after an init() that is opening one
+        service = _default
+    if service is not None:
+        service.close()
 
 
 def install_change_log(db_path="audit.db"):

@@ -71,14 +71,19 @@ class EnhancedAuditLogService:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def init(self):
-        """Seed through the baseline when needed, then build the view. Idempotent, thread-safe.
+    def init(self, seed=True):
+        """Build the view, after the baseline's init() when the paths are the baseline module's own
+        (it creates the schema and seeds where its database does not exist). Idempotent, thread-safe.
 
-        O(n log n): about 0.25 s for 50,000 rows here.
+        `seed=False`: the files as they are, never the baseline's init(); what a request before
+        init() does, so without data it raises the sqlite3.OperationalError a baseline request
+        raises, and creates nothing. O(n log n): about 0.25 s for 50,000 rows here.
         """
+        if type(seed) is not bool:
+            raise TypeError(f"seed must be True or False, not {seed!r}")
         if self._view is not None:
             return
-        if (os.path.abspath(self._db_path) == os.path.abspath(_baseline.DB_PATH)
+        if seed and (os.path.abspath(self._db_path) == os.path.abspath(_baseline.DB_PATH)
                 and os.path.abspath(self._payload_path) == os.path.abspath(_baseline.PAYLOAD_FILE)):
             _baseline.init()  # the baseline owns the schema and seeding of its own files
         with self._lock:
@@ -220,7 +225,7 @@ class EnhancedAuditLogService:
     def _lazy_init(self):
         if self._closed:
             raise ServiceClosed("EnhancedAuditLogService is closed; call init() to reopen it")
-        self.init()
+        self.init(seed=False)  # a first request never seeds
         view = self._view
         if view is None:
             raise ServiceClosed("EnhancedAuditLogService was closed during init()")
