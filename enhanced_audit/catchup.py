@@ -102,7 +102,7 @@ def refresh(db, io, view, ticket):
             if "no such table" in str(exc):
                 return None  # the log was removed
             raise
-    if counted:
+    if counted:  # always read in rollback mode: the statement's first row is its header row
         state = counted[-1]  # the last read: after a hot journal's rollback, db.run read again
     if state is _SWITCHED:
         return None
