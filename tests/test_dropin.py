@@ -113,7 +113,8 @@ class BaselineClientCode(unittest.TestCase):
         q = QUERIES[0]
         on_the_contract = [e["id"] for e in baseline_answer(q)[1]["events"]]
         with DataCopy(rows=3000) as data:
-            got = in_child(data.dir, f"q = baseline.Query(**{dataclasses.asdict(q)!r})", "baseline._pick_query = lambda: q",
+            got = in_child(data.dir, f"q = baseline.Query(**{dataclasses.asdict(q)!r})",
+                           "baseline._pick_query = lambda: q",
                            f"enhanced.DB_PATH, enhanced.PAYLOAD_FILE = {data.db!r}, {data.payloads!r}",
                            "got = enhanced.handle_request()",
                            f"baseline.DB_PATH, baseline.PAYLOAD_FILE = {data.db!r}, {data.payloads!r}",
