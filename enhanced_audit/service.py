@@ -22,7 +22,7 @@ from itertools import count
 import audit_log_service as _baseline
 
 from . import cursor as cursors
-from . import events
+from . import events, forks
 from .build import Retry, build, data_version
 from .catchup import catch_up, refresh
 from .db import BUSY_TIMEOUT, KEYSET_AFTER_SQL, KEYSET_SQL, PAGE_SQL, Database, missing_db
@@ -55,6 +55,7 @@ class EnhancedAuditLogService:
         self._io = choose_io(io)
         self._cursor_key = secrets.token_bytes(32) if cursor_key is None else bytes(cursor_key)
         self._lock = threading.Lock()  # protects: publishing _view, _closed, _stale, _stats, the Rebuilder
+        self._init_lock = threading.Lock()  # one init() build at a time (requests on a view never take it)
         self._view = None  # the current View; replaced whole, never mutated
         self._closed = False
         self._stale = None  # the stamp at which the view was found stale (no catch-up possible)
@@ -63,6 +64,7 @@ class EnhancedAuditLogService:
         self._stats["refresh_seconds"] = self._stats["lock_wait_seconds"] = 0.0
         self._warnings = RateLimitedLog()
         self._open_parts()
+        forks.register(self)
 
     def _open_parts(self):
         self._db = Database(self._db_path, self._io)
@@ -78,15 +80,23 @@ class EnhancedAuditLogService:
         """
         if self._view is not None:
             return
-        if (os.path.abspath(self._db_path) == os.path.abspath(_baseline.DB_PATH)
-                and os.path.abspath(self._payload_path) == os.path.abspath(_baseline.PAYLOAD_FILE)):
-            _baseline.init()  # the baseline owns the schema and seeding of its own files
-        with self._lock:
-            if self._closed:
-                self._closed = False
-                self._open_parts()
-            if self._view is None:
-                self._view = self._build_now()
+        with forks.sqlite_section():  # seeding and the build call SQLite: a fork waits for them
+            if (os.path.abspath(self._db_path) == os.path.abspath(_baseline.DB_PATH)
+                    and os.path.abspath(self._payload_path) == os.path.abspath(_baseline.PAYLOAD_FILE)):
+                _baseline.init()  # the baseline owns the schema and seeding of its own files
+            with self._init_lock:
+                with self._lock:
+                    if self._closed:
+                        self._closed = False
+                        self._open_parts()
+                    if self._view is not None:
+                        return
+                view, took = self._build_now()  # with no lock held that requests or stats() need
+                with self._lock:
+                    self._rebuilder.build_seconds = took
+                    self._stats["full_rebuilds"] += 1
+                    if self._view is None:
+                        self._view = view
 
     def close(self):
         """Close every connection; drop the payload reader. Idempotent. init() reopens.
@@ -97,13 +107,15 @@ class EnhancedAuditLogService:
         with self._lock:
             self._closed = True
             rebuilder = self._rebuilder
-        rebuilder.join()
-        with self._lock:
-            self._view = None
-            self._stale = None
-            db, payload = self._db, self._payload
-        db.close()
-        payload.close()
+        rebuilder.join()  # no gate held: the build thread may need to pass it to stop
+        with forks.sqlite_section(), self._init_lock:  # an init() building finishes first
+            with self._lock:
+                self._closed = True
+                self._view = None
+                self._stale = None
+                db, payload = self._db, self._payload
+            db.close()
+            payload.close()
 
     def __enter__(self):
         self.init()
@@ -123,7 +135,7 @@ class EnhancedAuditLogService:
             out = dict(self._stats)
             view = self._view
             out["indexed"] = view is not None and view.base is not None
-            out["rebuilding"] = self._rebuilder.thread is not None
+            out["rebuilding"] = self._rebuilder.running()
             out["closed"] = self._closed
         out["io"] = self._io.name
         out["capi"] = self._db.reader is not None
@@ -245,7 +257,9 @@ class EnhancedAuditLogService:
         self._stats["refresh_seconds"] += refresh_seconds
 
     def _mark_stale(self, view):
-        """No catch-up can make `view` current: SQLite answers until a full build. Caller holds _lock."""
+        """No catch-up can make `view` (the current view, its probe perhaps derived again by
+        catchup.recheck) current: SQLite answers until a full build. Caller holds _lock."""
+        self._view = view
         self._stale = self._probe_now(view)
         self._rebuilder.start()
 
@@ -256,24 +270,24 @@ class EnhancedAuditLogService:
             return None
 
     def _build_now(self):
-        """A full build in the caller's thread (init). Caller holds _lock."""
+        """(view, seconds it took): a full build in the caller's thread (init, inside the gate).
+
+        The seconds are what a background build waits for: writes paused this long (else it would
+        read while commits land)."""
         for attempt in range(10):
             started = time.monotonic()
             try:
                 view, problem = build(self._db, self._io, next(self._tickets), chunked=attempt == 0)
             except Retry:
                 continue  # a commit between the chunks, or a replaced file: read again, in one go
-            # what a background build waits for: writes paused this long (else it would read while commits land)
-            self._rebuilder.build_seconds = time.monotonic() - started
-            self._stats["full_rebuilds"] += 1
             if problem is not None:
                 self._warn_unindexable(problem)
-            return view
+            return view, time.monotonic() - started
         raise OSError(f"{self._db_path} kept changing under ten full reads")
 
     def _publish_built(self, view):
         """Publish a background build, caught up from the log first when there is one."""
-        with self._lock:
+        with forks.sqlite_section(), self._lock:
             self._stats["full_rebuilds"] += 1
             if self._closed:
                 return
@@ -299,3 +313,21 @@ class EnhancedAuditLogService:
         self._warnings.warn("unindexable", "%s: %s, which the in-memory index cannot hold; requests are answered "
                             "by SQLite with the baseline's query until it changes", self._db_path, problem)
 
+    # -- fork safety (forks.py) ---------------------------------------------------------------------
+
+    def _before_fork(self):
+        """With the gate held exclusively, before the Database closes its connections: a view read
+        through the -shm file or the data_version of the kept connection is marked Unverified, for
+        both processes re-verify it (catchup.recheck) once the kept connection is open again. A
+        rollback-journal view is probed through the database file itself and stays as it is."""
+        with self._lock:
+            view = self._view
+            if view is not None and (view.wal or view.probe is None):
+                self._view = view.unverified()
+                self._stale = None  # a stale view is looked at again too, through the live probe
+
+    def _after_fork_in_child(self):
+        """Only the forking thread exists in the child: new locks, and no background build running."""
+        self._lock, self._init_lock = threading.Lock(), threading.Lock()
+        self._rebuilder.thread = None
+        self._payload.new_lock()
