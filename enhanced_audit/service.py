@@ -55,7 +55,6 @@ class EnhancedAuditLogService:
         self._io = choose_io(io)
         self._cursor_key = secrets.token_bytes(32) if cursor_key is None else bytes(cursor_key)
         self._lock = threading.Lock()  # protects: publishing _view, _closed, _stale, _stats, the Rebuilder
-        self._init_lock = threading.Lock()  # one init() build at a time (requests on a view never take it)
         self._view = None  # the current View; replaced whole, never mutated
         self._closed = False
         self._stale = None  # the stamp at which the view was found stale (no catch-up possible)
@@ -84,19 +83,12 @@ class EnhancedAuditLogService:
             if (os.path.abspath(self._db_path) == os.path.abspath(_baseline.DB_PATH)
                     and os.path.abspath(self._payload_path) == os.path.abspath(_baseline.PAYLOAD_FILE)):
                 _baseline.init()  # the baseline owns the schema and seeding of its own files
-            with self._init_lock:
-                with self._lock:
-                    if self._closed:
-                        self._closed = False
-                        self._open_parts()
-                    if self._view is not None:
-                        return
-                view, took = self._build_now()  # with no lock held that requests or stats() need
-                with self._lock:
-                    self._rebuilder.build_seconds = took
-                    self._stats["full_rebuilds"] += 1
-                    if self._view is None:
-                        self._view = view
+            with self._lock:
+                if self._closed:
+                    self._closed = False
+                    self._open_parts()
+                if self._view is None:
+                    self._view = self._build_now()
 
     def close(self):
         """Close every connection; drop the payload reader. Idempotent. init() reopens.
@@ -108,14 +100,12 @@ class EnhancedAuditLogService:
             self._closed = True
             rebuilder = self._rebuilder
         rebuilder.join()  # no gate held: the build thread may need to pass it to stop
-        with forks.sqlite_section(), self._init_lock:  # an init() building finishes first
-            with self._lock:
-                self._closed = True
-                self._view = None
-                self._stale = None
-                db, payload = self._db, self._payload
-            db.close()
-            payload.close()
+        with self._lock:
+            self._view = None
+            self._stale = None
+            db, payload = self._db, self._payload
+        db.close()
+        payload.close()
 
     def __enter__(self):
         self.init()
@@ -270,19 +260,19 @@ class EnhancedAuditLogService:
             return None
 
     def _build_now(self):
-        """(view, seconds it took): a full build in the caller's thread (init, inside the gate).
-
-        The seconds are what a background build waits for: writes paused this long (else it would
-        read while commits land)."""
+        """A full build in the caller's thread (init). Caller holds _lock, inside the gate."""
         for attempt in range(10):
             started = time.monotonic()
             try:
                 view, problem = build(self._db, self._io, next(self._tickets), chunked=attempt == 0)
             except Retry:
                 continue  # a commit between the chunks, or a replaced file: read again, in one go
+            # what a background build waits for: writes paused this long (else it would read while commits land)
+            self._rebuilder.build_seconds = time.monotonic() - started
+            self._stats["full_rebuilds"] += 1
             if problem is not None:
                 self._warn_unindexable(problem)
-            return view, time.monotonic() - started
+            return view
         raise OSError(f"{self._db_path} kept changing under ten full reads")
 
     def _publish_built(self, view):
@@ -328,6 +318,6 @@ class EnhancedAuditLogService:
 
     def _after_fork_in_child(self):
         """Only the forking thread exists in the child: new locks, and no background build running."""
-        self._lock, self._init_lock = threading.Lock(), threading.Lock()
+        self._lock = threading.Lock()
         self._rebuilder.thread = None
         self._payload.new_lock()

@@ -11,6 +11,7 @@ import json
 import logging
 import multiprocessing
 import os
+import random
 import select
 import signal
 import sqlite3
@@ -27,7 +28,7 @@ from unittest import mock
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
 from enhanced_audit import changelog, files
-from tests.support import ROOT, DataCopy, append_events, baseline_answer, baseline_paths
+from tests.support import ROOT, DataCopy, append_events, baseline_answer, baseline_paths, replace_db_with_fewer_rows
 
 Query = baseline.Query
 ALL = Query(0, 2 ** 40, None, None, 1, 50)
@@ -66,6 +67,24 @@ def commit_elsewhere(data, created_at):
     """One event committed by another process, whose connection then closes (the last one, if nobody
     else holds the database open: SQLite then checkpoints and deletes -wal and -shm)."""
     subprocess.run([sys.executable, "-c", _WRITE, ROOT, data.db, data.payloads, str(created_at)], check=True)
+
+
+@contextlib.contextmanager
+def _other_connection(db):
+    """Another process holding a read connection on `db` for the duration (WAL: -shm stays)."""
+    other = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys\n"
+        "c = sqlite3.connect(sys.argv[1]); c.execute('SELECT count(*) FROM audit_events').fetchone()\n"
+        "print('open', flush=True); sys.stdin.readline()\n"), db],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        if other.stdout.readline().strip() != "open":
+            raise AssertionError("the other connection did not open")
+        yield
+    finally:
+        other.stdin.close()
+        other.wait(10)
+        other.stdout.close()
 
 
 @contextlib.contextmanager
@@ -237,6 +256,70 @@ class ForkedWorkers(unittest.TestCase):
                 self.assertEqual(on_db, 1, "descriptors on the database file beyond the probe's crossed the fork")
                 self.assertEqual(mismatches(data, service), [])
 
+    def test_the_master_goes_on_serving_after_a_fork(self):
+        """After a fork the master's connections reopen lazily: its view is re-verified through the
+        live -shm file, though the one it read before was deleted (another process's connection
+        closed last) and a new one made."""
+        for logged in (True, False):
+            with DataCopy(rows=300) as data, quiet():
+                set_journal(data.db, "WAL")
+                if logged:
+                    changelog.install(data.db)
+                with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+                    service.execute(ALL)
+                    self.assertEqual(Forked(lambda child: None).result(), None)
+                    for n in range(3):  # the first close deletes -wal and -shm; the next ones make new files
+                        commit_elsewhere(data, 10 ** 10 + n)
+                        self.assertEqual(mismatches(data, service), [], f"change log {logged}, commit {n}")
+
+    def test_an_unchanged_wal_index_is_served_again_at_once(self):
+        """Another process keeps the database open across the fork, so the -shm file stays the live
+        one: the child re-verifies the view (same file, same header) and answers from it at once,
+        with no SQL answer and no rebuild, though there is no change log."""
+        with DataCopy(rows=300) as data, quiet():
+            set_journal(data.db, "WAL")
+            with _other_connection(data.db), enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+                service.execute(ALL)
+                append_events(data.db, data.payloads, [(10 ** 10, 1, "UPDATE")])
+                deadline = time.monotonic() + 20  # stale: SQLite answers until a rebuild publishes a view
+                while service.stats()["background_rebuilds"] == 0 and time.monotonic() < deadline:
+                    service.execute(ALL)
+                    time.sleep(0.02)
+                service._rebuilder.join()
+                self.assertEqual(service.execute(ALL)["events"][0]["created_at"], 10 ** 10)
+
+                def worker(child):
+                    before = service.stats()
+                    found = mismatches(data, service)
+                    after = service.stats()
+                    return found, {k: after[k] - before[k] for k in ("fallback_answers", "refreshes",
+                                                                       "full_rebuilds")}
+
+                found, moved = Forked(worker).result()
+                self.assertEqual(found, [])
+                self.assertEqual(moved, {"fallback_answers": 0, "refreshes": 1, "full_rebuilds": 0},
+                                 "the child did not take its view back after one look at the live -shm")
+
+    def test_a_rebuilt_wal_index_is_not_taken_for_no_change(self):
+        """SQLite rebuilds the wal-index of an empty WAL the same way every time. A view stamped with
+        such a header, commits checkpointed out of the WAL (TRUNCATE) while the master was open, then
+        a fork: the child's reopening rebuilds the same header. Equal, yet the data changed: the child
+        must not serve the old view."""
+        with DataCopy(rows=300) as data, quiet():
+            set_journal(data.db, "WAL")  # that connection was the last: the WAL is gone
+            with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+                service.execute(ALL)  # its view: the header of the wal-index SQLite rebuilt for an empty WAL
+                subprocess.run([sys.executable, "-c", _WRITE + "; import sqlite3; sqlite3.connect(sys.argv[2])"
+                                ".execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchall()",
+                                ROOT, data.db, data.payloads, str(10 ** 10)], check=True)
+                self.assertEqual(os.path.getsize(data.db + "-wal"), 0)
+
+                def worker(child):
+                    return mismatches(data, service)
+
+                self.assertEqual(Forked(worker).result(), [], "the child served the view from before the commit")
+                self.assertEqual(mismatches(data, service), [], "the master served the view from before the commit")
+
     def test_multiprocessing_fork_pool(self):
         """multiprocessing's "fork" context: a pool started after init(), answering while the master closes."""
         global _POOL_SERVICE
@@ -337,32 +420,51 @@ class ForkMidWork(unittest.TestCase):
             self.assertEqual(mismatches(data, service), [])
             service.close()
 
-    def test_fork_while_a_thread_holds_the_service_lock(self):
-        """Whatever the state of the master's locks at the fork, the child's own requests, close()
-        and init() never wait for a thread that does not exist in the child."""
+    def test_fork_while_threads_hold_the_locks(self):
+        """Whatever locks of the service other threads of the master hold at the fork (here the
+        descriptor table's, the payload reader's and the C API loader's, held across it, and the
+        service's, taken again and again), the child's close(), init() and requests never wait for a
+        thread that does not exist in the child."""
+        from enhanced_audit import capi
         with DataCopy(rows=300) as data:
+            set_journal(data.db, "WAL")
+            changelog.install(data.db)
             service = enhanced.EnhancedAuditLogService(data.db, data.payloads)
             service.init()
-            held = threading.Event()
+            stop, holding = threading.Event(), threading.Barrier(5)
 
-            def hold():
-                with service._lock:
-                    held.set()
-                    time.sleep(0.3)
+            def hold(lock, again):
+                while True:
+                    with lock:
+                        if holding is not None:
+                            with contextlib.suppress(threading.BrokenBarrierError):
+                                holding.wait(10)
+                        time.sleep(0.005 if again else 0.5)
+                    if not again or stop.is_set():
+                        return
 
-            holder = threading.Thread(target=hold)
-            holder.start()
-            self.assertTrue(held.wait(10))
+            holders = [threading.Thread(target=hold, args=(service._lock, True))] + [
+                threading.Thread(target=hold, args=(lock, False))
+                for lock in (files._shared_lock, service._payload._lock, capi._lib_lock)]
+            for holder in holders:
+                holder.start()
+            holding.wait(10)
+            holding = None
 
             def worker(child):
                 service.close()
                 service.init()
+                append_events(data.db, data.payloads, [(10 ** 10, 1, "UPDATE")])
                 found = mismatches(data, service)
                 service.close()
                 return found
 
-            got = Forked(worker, timeout=15).result()
-            holder.join()
+            try:
+                got = Forked(worker, timeout=10).result()
+            finally:
+                stop.set()
+                for holder in holders:
+                    holder.join()
             self.assertEqual(got, [])
             self.assertEqual(mismatches(data, service), [])
             service.close()
@@ -492,6 +594,48 @@ class ShmDescriptors(unittest.TestCase):
             self.assertLessEqual(max(fds) - min(fds), 4, f"open descriptors by cycle: {fds}")
 
 
+    @unittest.skipUnless(os.path.exists("/proc/locks"), "needs /proc/locks")
+    def test_a_gone_file_locked_by_another_connection_keeps_its_descriptor(self):
+        """The application's connection holds a write lock on a database file that is then replaced
+        by rename, twice: the table lets go of no descriptor on that file while the lock is held
+        (closing it would drop the lock), though no view reads it any more and it has no name."""
+        with DataCopy(rows=300) as data, quiet():
+            app = sqlite3.connect(data.db, isolation_level=None)
+            try:
+                app.execute("BEGIN IMMEDIATE")
+                app.execute("UPDATE audit_events SET actor_id = 7 WHERE id = 1")
+                old = os.stat(data.db).st_ino
+                self.assertTrue(_locked_here(old), "the application's lock is not there to begin with")
+                with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+                    service.execute(ALL)
+                    for round_ in range(2):
+                        replace_db_with_fewer_rows(data.db)
+                        deadline = time.monotonic() + 20
+                        fid = os.stat(data.db).st_ino
+                        while time.monotonic() < deadline:  # SQLite answers until a build of the new file is out
+                            service.execute(ALL)
+                            if service._view.file_id == service._io.file_id(data.db) and not service.stats()["rebuilding"]:
+                                break
+                            time.sleep(0.02)
+                        self.assertEqual(os.stat(data.db).st_ino, fid)
+                    self.assertEqual(mismatches(data, service), [])
+                self.assertTrue(_locked_here(old), "the application's lock on the replaced file was dropped")
+                app.execute("ROLLBACK")
+            finally:
+                app.close()
+
+
+def _locked_here(inode):
+    """True when /proc/locks shows a POSIX lock of this process on `inode`."""
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if "POSIX" in fields and str(os.getpid()) in fields and any(
+                    part.endswith(f":{inode}") for part in fields):
+                return True
+    return False
+
+
 # -- scenarios run in a child interpreter: python -m tests.test_field SCENARIO ARGS -----------------
 
 def _scenario_ctrl_c(db, payloads, seconds):
@@ -526,10 +670,11 @@ def _scenario_ctrl_c(db, payloads, seconds):
             raise KeyboardInterrupt
 
     def interrupt():
+        pause = random.Random(7).random
         while not stop.is_set():
             signal.pthread_kill(main, signal.SIGINT)
             sent[0] += 1
-            time.sleep(0.0002)
+            time.sleep(pause() * 0.0002)  # irregular: no phase lock with the requests' rhythm
     signal.signal(signal.SIGINT, on_sigint)
     sent = [0]
     sender = threading.Thread(target=interrupt, daemon=True)
@@ -567,8 +712,9 @@ def _scenario_ctrl_c(db, payloads, seconds):
 
 
 def _scenario_exit(db, payloads, seed):
-    """Start four request threads and a writer thread, then let the interpreter exit with them alive."""
-    import random
+    """Start six request threads and a writer thread, then let the interpreter exit with them alive.
+    The writer commits 20 rows at a time, so a request thread spends most of its time in a catch-up's
+    loop over SQLite calls (the GIL changes hands between two of them every microsecond)."""
     sys.setswitchinterval(1e-6)
     service = enhanced.EnhancedAuditLogService(db, payloads)
     service.init()
@@ -582,11 +728,16 @@ def _scenario_exit(db, payloads, seed):
     def write():
         n = 0
         while True:
-            n += 1
-            append_events(db, payloads, [(10 ** 10 + int(seed) * 100_000 + n, n % 7, "UPDATE")])
-    for target in (serve,) * 4 + (write,):
+            n += 20
+            base = 10 ** 10 + int(seed) * 1_000_000 + n
+            append_events(db, payloads, [(base + i, i % 7, "UPDATE") for i in range(20)])
+    for target in (serve,) * 6 + (write,):
         threading.Thread(target=target, daemon=True).start()
     time.sleep(0.05 + rng.random() * 0.1)
+    busy = service._db.kept_lock.locked  # held while a thread reads a catch-up's changes
+    deadline = time.monotonic() + 1
+    while not busy() and time.monotonic() < deadline:
+        pass  # exit while a catch-up is under way, not between two of them
 
 
 if __name__ == "__main__":
