@@ -25,9 +25,11 @@ OPERATIONS = {
     "journal_mode=DELETE": "print(c.execute('PRAGMA journal_mode=DELETE').fetchone()[0])",
     "EXCLUSIVE locking-mode write": (
         "c.execute('PRAGMA locking_mode=EXCLUSIVE'); c.execute('BEGIN IMMEDIATE')\n"
-        "c.execute('UPDATE audit_events SET actor_id = actor_id WHERE id = 1'); c.execute('COMMIT'); print('committed')"),
+        "c.execute('UPDATE audit_events SET actor_id = actor_id WHERE id = 1')\n"
+        "c.execute('COMMIT'); print('committed')"),
     "EXCLUSIVE locking-mode read": (
-        "c.execute('PRAGMA locking_mode=EXCLUSIVE'); print(c.execute('SELECT count(*) FROM audit_events').fetchone()[0])"),
+        "c.execute('PRAGMA locking_mode=EXCLUSIVE')\n"
+        "print(c.execute('SELECT count(*) FROM audit_events').fetchone()[0])"),
     "wal_checkpoint(TRUNCATE)": "print(c.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchone())",
     "ordinary write": (
         "c.execute('BEGIN IMMEDIATE'); c.execute('UPDATE audit_events SET actor_id = actor_id WHERE id = 1')\n"
@@ -44,7 +46,8 @@ _RUN = ("import sqlite3, sys, time\n"
 def attempt(db, body):
     """(outcome line, seconds) of `body` run on a new connection in another process."""
     code = _RUN.format(body="\n".join("    " + line for line in body.splitlines()))
-    out = subprocess.run([sys.executable, "-c", code, db], capture_output=True, text=True, timeout=60).stdout.split("\n")
+    proc = subprocess.run([sys.executable, "-c", code, db], capture_output=True, text=True, timeout=60)
+    out = proc.stdout.split("\n")
     return out[0], float(out[1])
 
 
@@ -70,7 +73,8 @@ def main():
     if args.json:
         common.emit_json({"rows": args.rows, "results": rows})
         return
-    print(f"\nAnother process on a WAL database of {args.rows} rows (busy timeout 5 s), beside nothing or an idle service")
+    print(f"\nAnother process on a WAL database of {args.rows} rows (busy timeout 5 s), "
+          "beside nothing or an idle service")
     for r in rows:
         print(f"  {r['operation']:<30} {r['beside']:<13} {r['seconds']:>6.3f} s  {r['outcome']}")
 

@@ -172,7 +172,8 @@ def main():
         row["mismatches"] = sum(r["mismatches"] for r in same)
         out.append(row)
     service.close()
-    result = {"cpus": os.cpu_count(), "gc_freeze": not args.no_freeze, "seconds": args.seconds, "rounds": args.rounds, "sample": SAMPLE,
+    result = {"cpus": os.cpu_count(), "gc_freeze": not args.no_freeze, "seconds": args.seconds, "rounds": args.rounds,
+              "sample": SAMPLE,
               "master": master, "runs": out}
     if args.json:
         emit_json(result)

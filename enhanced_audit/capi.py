@@ -28,6 +28,10 @@ OperationalError("database is locked"), so the caller's busy retry works unchang
 (a hot journal, a missing table, text that is not UTF-8) returns None, and the caller runs the same
 statement through the sqlite3 module, which raises its own exception or handles the case.
 
+Teardown: a reader is closed by close(), or when collected, never at interpreter exit (its
+finalizer's atexit is False), when a daemon thread may be between two calls on its handles. A child
+of a fork never closes a reader it inherited (detach(); db.py closes readers before a fork anyway).
+
 Cost of keeping the GIL: whatever SQLite waits for inside a call, every thread of the process
 waits for too. With busy timeout 0 SQLite does not sleep for a writer's lock (it returns BUSY and
 the caller sleeps without the GIL), but a read that misses the OS page cache waits for the disk,

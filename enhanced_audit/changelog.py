@@ -66,7 +66,8 @@ def _write(db_path, statements):
     """Run `statements` in one IMMEDIATE transaction on an existing database with audit_events."""
     _check_path(db_path)
     uri = "file:" + db_path.replace("?", "%3f").replace("#", "%23") + "?mode=rw"  # never create a file
-    with forks.sqlite_section(), contextlib.closing(sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)) as conn:
+    with forks.sqlite_section(), contextlib.closing(
+            sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)) as conn:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' "
