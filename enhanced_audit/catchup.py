@@ -5,7 +5,8 @@ raise "database is locked"; db.retry_busy then sleeps with no lock held and trie
 requests behind one writer each wait about as long as that writer holds its lock (at most the
 baseline's 5 s busy timeout), never K times as long. The lock is held for one such try, one
 publication, or init()'s build of a service that has no view (which no catch-up can then use), so a
-plain `with` waits for it: exception-safe, a KeyboardInterrupt cannot leave it held.
+plain `with` waits for it: exception-safe, a KeyboardInterrupt cannot leave it held (on CPython 3.9
+and 3.14 the with statement itself has a gap: README, known limits).
 
 A view marked Unverified (its kept connection was closed: a fork) is re-verified first (recheck).
 """
