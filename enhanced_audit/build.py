@@ -7,7 +7,7 @@ __all__ = ["Retry", "build"]
 
 import time
 
-from . import changelog, probe
+from . import changelog, forks, probe
 from .db import BUSY_TIMEOUT, FIRST_CHUNK, NEXT_CHUNK, SELECT_ALL, missing_db, pragma, retry_busy
 from .files import sqlite_fd
 from .index import Index
@@ -66,7 +66,7 @@ def _state_before(db, io, fid, files):
     deadline = time.monotonic() + BUSY_TIMEOUT
 
     def hold_open():
-        with db.kept_lock:
+        with forks.sqlite_section(), db.kept_lock:
             conn = db.kept(fid)
             if conn is None:
                 raise Retry(False)  # replaced: read the new file from the start
@@ -86,7 +86,7 @@ def _state_before(db, io, fid, files):
 def data_version(db, fid, deadline):
     """PRAGMA data_version on the kept connection (the probe where no file can be read)."""
     def attempt():
-        with db.kept_lock:
+        with forks.sqlite_section(), db.kept_lock:
             conn = db.kept(fid)
             return None if conn is None else db.run(conn, pragma, "data_version")
     return retry_busy(attempt, deadline)

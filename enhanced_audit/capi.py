@@ -28,6 +28,10 @@ OperationalError("database is locked"), so the caller's busy retry works unchang
 (a hot journal, a missing table, text that is not UTF-8) returns None, and the caller runs the same
 statement through the sqlite3 module, which raises its own exception or handles the case.
 
+Teardown: a reader is closed by close(), or when collected, never at interpreter exit (its
+finalizer's atexit is False), when a daemon thread may be between two calls on its handles. A child
+of a fork never closes a reader it inherited (detach(); db.py closes readers before a fork anyway).
+
 Cost of keeping the GIL: whatever SQLite waits for inside a call, every thread of the process
 waits for too. With busy timeout 0 SQLite does not sleep for a writer's lock (it returns BUSY and
 the caller sleeps without the GIL), but a read that misses the OS page cache waits for the disk,
@@ -42,6 +46,8 @@ import sqlite3
 import threading
 import weakref
 
+from . import forks
+
 ENABLED = True  # False: every Reader opened from now on is refused (the sqlite3 module answers)
 
 _OK, _BUSY, _ROW, _DONE = 0, 5, 100, 101
@@ -53,6 +59,14 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 _lib = None  # {short name: C function}, or False when unavailable; set once
 _lib_lock = threading.Lock()  # protects: _lib
+
+
+def _new_lock_in_child():
+    global _lib_lock
+    _lib_lock = threading.Lock()
+
+
+forks.in_child(_new_lock_in_child)
 
 
 def _module_sqlite():
@@ -110,7 +124,7 @@ def available():
     global _lib
     if not ENABLED:
         return False
-    with _lib_lock:
+    with forks.sqlite_section(), _lib_lock:  # _load() opens a connection through the sqlite3 module
         if _lib is None:
             try:
                 _lib = _load()
@@ -134,8 +148,11 @@ class Reader:
         self._c = _lib
         self._db = ctypes.c_void_p()
         self._stmts = {}  # sql text -> prepared statement handle
-        # closed through SQLite when close() is called or, for a reader dropped unclosed, when it is collected
+        # closed through SQLite when close() is called or, for a reader dropped unclosed, when it is
+        # collected; never at interpreter exit, when a daemon thread may be between two calls on
+        # these very handles (the OS releases them with the process)
         self._finalizer = weakref.finalize(self, _close_handles, self._c, self._db, self._stmts)
+        self._finalizer.atexit = False
         rc = self._c["open_v2"](uri.encode("utf-8"), ctypes.byref(self._db),
                                 _OPEN_READONLY | _OPEN_URI | _OPEN_PRIVATECACHE, None)
         if rc != _OK:
@@ -218,6 +235,13 @@ class Reader:
     def close(self):
         """Finalize every statement and close the connection (through SQLite). Idempotent."""
         self._finalizer()
+
+    def detach(self):
+        """Never close these handles, not even when this reader is collected (a child of a fork
+        that inherited them: they are the parent's). The reader answers nothing from here on."""
+        self._finalizer.detach()
+        self._stmts = {}
+        self._db = ctypes.c_void_p()
 
     def __enter__(self):
         return self

@@ -3,17 +3,24 @@
 A catch-up runs under the service's lock for one try at a time. A writer's lock makes the try
 raise "database is locked"; db.retry_busy then sleeps with no lock held and tries again, so K
 requests behind one writer each wait about as long as that writer holds its lock (at most the
-baseline's 5 s busy timeout), never K times as long.
+baseline's 5 s busy timeout), never K times as long. The lock is held for one such try, one
+publication, or init()'s build of a service that has no view (which no catch-up can then use), so a
+plain `with` waits for it: exception-safe, a KeyboardInterrupt cannot leave it held (on CPython 3.9
+and 3.14 the with statement itself has a gap: README, known limits).
+
+A view marked Unverified (its kept connection was closed: a fork) is re-verified first (recheck).
 """
 
-__all__ = ["catch_up", "refresh"]
+__all__ = ["catch_up", "refresh", "recheck"]
 
 import sqlite3
 import time
 
-from . import changelog, probe
+from . import changelog, forks, probe
 from .db import BUSY_TIMEOUT, is_busy, pragma, retry_busy
+from .files import sqlite_fd
 from .index import Delta
+from .view import Unverified
 
 _COMPACT_AT = 1 / 16  # fold the delta into a new base once it holds this share of the rows...
 _COMPACT_MIN = 4096  # ...and at least this many
@@ -32,21 +39,17 @@ def catch_up(service, ticket):
     first_wait = []  # perf_counter() of this request's first try that met a writer's lock
 
     def attempt():
-        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise sqlite3.OperationalError("database is locked")  # a full build holds it this long
-        try:
-            view = _one_try(service, ticket)
-        except sqlite3.OperationalError as exc:
-            if not first_wait and is_busy(exc):
-                first_wait.append(time.perf_counter())
-                service._stats["lock_waits"] += 1
-            raise
-        else:
+        with forks.sqlite_section(), lock:  # the gate first: it comes before every lock of ours
+            try:
+                view = _one_try(service, ticket)
+            except sqlite3.OperationalError as exc:
+                if not first_wait and is_busy(exc):
+                    first_wait.append(time.perf_counter())
+                    service._stats["lock_waits"] += 1
+                raise
             if first_wait:
                 service._stats["lock_wait_seconds"] += time.perf_counter() - first_wait[0]
             return view
-        finally:
-            lock.release()
     return retry_busy(attempt, deadline)
 
 
@@ -56,6 +59,15 @@ def _one_try(service, ticket):
     if view.ticket > ticket:
         return view  # a catch-up that began after our look has our commit
     started = time.perf_counter()
+    if type(view.stamp[1]) is Unverified:
+        checked = recheck(service._db, service._io, view, service._next_ticket())
+        if checked is None:
+            service._mark_stale(view)
+            return None
+        view, exact = checked
+        if exact:
+            service._publish(view, changes=0, refresh_seconds=time.perf_counter() - started)
+            return view
     got = refresh(service._db, service._io, view, service._next_ticket())
     if got is None:
         service._mark_stale(view)
@@ -118,6 +130,39 @@ def refresh(db, io, view, ticket):
             return None  # a value the index cannot hold (a REAL created_at): SQLite answers
     new = view._replace(delta=delta if len(delta) else None, ticket=ticket, stamp=(fid, state), seq=seq)
     return new, len(changes)
+
+
+def recheck(db, io, view, ticket):
+    """(view, exact) for a view whose state is Unverified, or None when only a full build can set up
+    its probe again (another file at the path, no -shm to read).
+
+    WAL: the kept connection is reopened and reads (from then on it holds the WAL open, so the -shm
+    file at the path is the live one), the -shm descriptor is derived again (files.sqlite_fd) and
+    its header read. `exact` when it is the same -shm file and probe.unchanged() says the header
+    proves no commit since: the view comes back with its state, `ticket` and the live probe.
+    Otherwise the view comes back with the live probe and still Unverified, for refresh() (the change
+    log) or the stale path. A view probed by data_version comes back as it is: a new connection's
+    data_version says nothing about the old one's. One try: may raise "database is locked".
+    """
+    fid = db.file_id()
+    if fid != view.file_id:
+        return None
+    if not view.wal or view.probe is None:
+        return view, False
+    with forks.sqlite_section(), db.kept_lock:
+        conn = db.kept(fid)
+        if conn is None:
+            return None
+        db.run(conn, pragma, "schema_version")  # a read: this connection now holds the WAL (and -shm) open
+        try:
+            shm_id, shm = sqlite_fd(io, db.path + "-shm")
+        except OSError:
+            return None
+        state = probe.wal_state(io.pread, shm)
+    live = view._replace(probe=(shm,) + tuple(view.probe[1:]))
+    if io.file_id_of_fd(view.probe[0]) == shm_id and probe.unchanged(view.stamp[1].state, state):
+        return live._replace(ticket=ticket, stamp=(fid, state)), True
+    return live, False
 
 
 _SWITCHED = object()  # the database left rollback-journal mode: a full build sets up the WAL probe

@@ -5,6 +5,8 @@ __all__ = ["TABLE", "KEEP", "install", "uninstall", "installed", "newest", "read
 import contextlib
 import sqlite3
 
+from . import forks
+
 TABLE = "audit_events_changes"
 KEEP = 100_000  # entries kept; a reader further behind than this rebuilds in full
 _TRIGGERS = ("audit_events_changes_insert", "audit_events_changes_update", "audit_events_changes_delete")
@@ -64,7 +66,8 @@ def _write(db_path, statements):
     """Run `statements` in one IMMEDIATE transaction on an existing database with audit_events."""
     _check_path(db_path)
     uri = "file:" + db_path.replace("?", "%3f").replace("#", "%23") + "?mode=rw"  # never create a file
-    with contextlib.closing(sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)) as conn:
+    with forks.sqlite_section(), contextlib.closing(
+            sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)) as conn:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' "

@@ -17,7 +17,7 @@ import threading
 import time
 from urllib.parse import quote
 
-from . import capi
+from . import capi, forks
 
 log = logging.getLogger("enhanced_audit_log_service")
 
@@ -89,6 +89,10 @@ class Database:
       statement, None where the C API is unavailable or io is "os" (no ctypes);
     - a pool of at most _POOL_IDLE idle connections for answers from SQL, each with the baseline's
       5 s busy timeout: SQLite sleeps in its busy handler while holding no lock of ours.
+
+    Every method that calls SQLite runs inside forks.sqlite_section(); callers that hold kept_lock
+    entered it first (lock order: the gate, the service's lock, kept_lock, _pool_lock). Before a fork
+    every connection is closed (forks.py says why); both processes reopen them lazily.
     """
 
     def __init__(self, path, io):
@@ -97,6 +101,7 @@ class Database:
         self._kept = self._kept_fid = self.reader = None
         self._idle = []  # [(file id, connection)]
         self._pool_lock = threading.Lock()  # protects: _idle
+        forks.register(self)
 
     def uri(self, mode="ro"):
         return "file:" + quote(os.path.abspath(self.path)) + "?mode=" + mode
@@ -118,6 +123,10 @@ class Database:
         The caller holds kept_lock. O(1) once open."""
         if self._kept is not None and self._kept_fid == fid:
             return self._kept
+        with forks.sqlite_section():  # a re-entry: the caller holds kept_lock, taken inside the gate
+            return self._open_kept(fid)
+
+    def _open_kept(self, fid):
         self._close_kept()  # opened for a file since replaced: it would keep reading that file
         conn = self.connect(timeout=0)
         reader = None
@@ -140,10 +149,12 @@ class Database:
         """Close the kept connection and its reader (through SQLite). The caller holds kept_lock."""
         kept, reader = self._kept, self.reader
         self._kept = self._kept_fid = self.reader = None
-        _close_both(kept, reader)
+        with forks.sqlite_section():  # a re-entry, as in kept()
+            _close_both(kept, reader)
 
     def run(self, conn, fn, *args):
-        """fn(conn, *args), after rolling back a hot journal if a read-only connection meets one."""
+        """fn(conn, *args), after rolling back a hot journal if a read-only connection meets one.
+        The caller is inside forks.sqlite_section()."""
         try:
             return fn(conn, *args)
         except sqlite3.OperationalError as exc:
@@ -155,6 +166,10 @@ class Database:
     def query(self, sql, args):
         """Rows of `sql` on a pooled connection on the file now at the path. Bounded: at most
         _POOL_IDLE connections stay open between requests, whatever the number of threads."""
+        with forks.sqlite_section():
+            return self._query(sql, args)
+
+    def _query(self, sql, args):
         fid = self.file_id()
         conn = None
         with self._pool_lock:
@@ -181,12 +196,28 @@ class Database:
 
     def close(self):
         """Close every connection (through SQLite, which keeps other connections' locks)."""
-        with self.kept_lock:
-            self._close_kept()
-        with self._pool_lock:
-            idle, self._idle = self._idle, []
-        for _, conn in idle:
-            conn.close()
+        with forks.sqlite_section():
+            with self.kept_lock:
+                self._close_kept()
+            with self._pool_lock:
+                idle, self._idle = self._idle, []
+            for _, conn in idle:
+                conn.close()
+
+    def _before_fork(self):
+        """forks.py, with the gate held exclusively (so no thread of ours is inside SQLite or holds
+        kept_lock or _pool_lock): every connection closed, so that none of ours crosses the fork."""
+        self.close()
+
+    def _after_fork_in_child(self):
+        """New locks; whatever could not be closed before the fork is the parent's: never touched here."""
+        self.kept_lock, self._pool_lock = threading.Lock(), threading.Lock()
+        if self._kept is not None or self.reader is not None or self._idle:
+            if self.reader is not None:
+                self.reader.detach()
+            forks.abandon((self._kept, self.reader, self._idle))
+            self._kept = self._kept_fid = self.reader = None
+            self._idle = []
 
     def _roll_back_hot_journal(self, exc):
         """A writer that died mid-transaction, after its pages spilled into the database file, leaves
@@ -195,11 +226,12 @@ class Database:
         read; one is opened here for just that read. Restores the last committed state, changes no
         row. Re-raises `exc` if it fails (a write-protected file: the baseline fails there too)."""
         try:
-            conn = self.connect(mode="rw")
-            try:
-                pragma(conn, "schema_version")
-            finally:
-                conn.close()
+            with forks.sqlite_section():  # a re-entry: run()'s callers are inside the gate
+                conn = self.connect(mode="rw")
+                try:
+                    pragma(conn, "schema_version")
+                finally:
+                    conn.close()
         except sqlite3.Error as failed:
             raise exc from failed
         log.warning("%s: rolled back a hot journal left by a writer that died mid-transaction", self.path)

@@ -1,29 +1,78 @@
-"""Descriptor ownership: SQLite's files are opened once per process and never closed; the payload
-file's descriptor is closed only once no request can still be reading through it.
+"""Descriptor ownership: SQLite's files are read through a process-wide table of descriptors, each
+closed only when that cannot drop a lock; the payload file's descriptor is closed once no request
+can still be reading through it.
 
-Why SQLite's files are never closed: on POSIX, closing any descriptor of a file releases every
-fcntl() lock the process holds on that file, the locks SQLite holds for the application's own
-connections included (sqlite.org/howtocorrupt.html, section 2.2). SQLite avoids this for its own
-connections by keeping them per inode; a descriptor opened beside SQLite cannot know whether such
-locks are held, so it is kept for the life of the process instead: one per (device, inode), shared
-by every service in the process. What that holds is bounded by the distinct database and -shm
-files the process has read (README, known limits), not by requests, threads or services.
+Why a descriptor on SQLite's files is not simply closed: on POSIX, closing any descriptor of a file
+releases every fcntl() lock the process holds on that file, the locks SQLite holds for the
+application's own connections included (sqlite.org/howtocorrupt.html, section 2.2). So the table
+keeps one descriptor per (device, inode), shared by every service in the process, and closes an
+entry only when all three hold:
+  (a) nothing can read through it: the table hands out Descriptor objects (ints that own their
+      entry); views and requests hold them, and the entry is free once the last one is gone;
+  (b) its file is unlinked (fstat st_nlink == 0), so no connection can open it again by its name;
+  (c) no other descriptor of this process is on that inode (Linux: /proc/self/fd), so the process
+      holds no lock on it for closing to drop. Where (c) cannot be checked, nothing is ever closed.
+Free entries are swept whenever the table opens a new file, which is when WAL mode's -shm file
+comes back as a new inode (SQLite deletes it when the last connection to the database closes).
+So the table holds the files in use and at most one sweep's worth of files gone since.
 """
 
-__all__ = ["sqlite_fd", "PayloadFile", "open_descriptors"]
+__all__ = ["sqlite_fd", "Descriptor", "PayloadFile", "open_descriptors"]
 
 import os
 import threading
+import weakref
 
+from . import forks
 from .fileio import O_BINARY
 
-_shared = {}  # (st_dev, st_ino) -> descriptor: never closed (see the module docstring)
-_spare = []  # descriptors opened in a race for an id already shared: kept too, never closed
-_shared_lock = threading.Lock()  # protects: _shared, _spare
+_PROC_FDS = "/proc/self/fd"
+_shared = {}  # (st_dev, st_ino) -> _Entry
+_spare = []  # [(key, descriptor)] opened in a race for an inode the table holds; never handed out
+_shared_lock = threading.Lock()  # protects: _shared, _spare, each entry's owner
+
+
+def _new_lock_in_child():
+    global _shared_lock
+    _shared_lock = threading.Lock()
+
+
+forks.in_child(_new_lock_in_child)
+
+
+class _Owner:
+    """Shared by every Descriptor of one entry; the entry refers to it weakly."""
+
+    __slots__ = ("__weakref__",)
+
+
+class Descriptor(int):
+    """A descriptor number from the table (usable wherever an int descriptor is). While any
+    Descriptor of an entry lives, the entry stays open: a view that holds one in its probe is
+    never read through a closed (or reused) descriptor number."""
+
+
+class _Entry:
+    __slots__ = ("fd", "owner")
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.owner = lambda: None  # weak reference to the _Owner of the Descriptors handed out
+
+    def descriptor(self):
+        """A Descriptor owning this entry. The caller holds _shared_lock (one owner per entry)."""
+        owner = self.owner()
+        if owner is None:
+            owner = _Owner()
+            self.owner = weakref.ref(owner)
+        handle = Descriptor(self.fd)
+        handle.owner = owner
+        return handle
 
 
 def sqlite_fd(io, path):
-    """(file id, descriptor) of the file now at `path`, from the process-wide table. O(1) when known.
+    """(file id, Descriptor) of the file now at `path`, from the process-wide table. O(1) when the
+    file is known; opening a new one sweeps the table (O(entries + descriptors of the process)).
 
     The id is read before and after a new open, so the descriptor is known to be that file.
     Raises OSError when nothing can be opened at `path`.
@@ -31,24 +80,74 @@ def sqlite_fd(io, path):
     for _ in range(10):
         st = os.stat(path)  # keyed by (st_dev, st_ino) whatever the io's own id looks like
         key = st.st_dev, st.st_ino
-        fd = _shared.get(key)  # fast path: a dict read is atomic under the GIL
-        if fd is None:
-            with _shared_lock:
-                fd = _shared.get(key)
-                if fd is None:
-                    fd = os.open(path, os.O_RDONLY | O_BINARY)
-                    fst = os.fstat(fd)
-                    opened = fst.st_dev, fst.st_ino
-                    if opened in _shared:
-                        _spare.append(fd)  # replaced between the two looks: never closed all the same
-                    else:
-                        _shared[opened] = fd
-                    if opened != key:
-                        continue
-        fid = io.file_id_of_fd(fd)
+        with _shared_lock:
+            entry = _shared.get(key)
+            if entry is None:
+                fd = os.open(path, os.O_RDONLY | O_BINARY)
+                fst = os.fstat(fd)
+                opened = fst.st_dev, fst.st_ino
+                if opened in _shared:
+                    _spare.append((opened, fd))  # replaced between the two looks: swept like the rest
+                else:
+                    _shared[opened] = _Entry(fd)
+                _sweep()
+                continue  # look again: the path may hold yet another file by now
+            handle = entry.descriptor()
+        fid = io.file_id_of_fd(handle)
         if io.file_id(path) == fid:  # still the file at the path
-            return fid, fd
+            return fid, handle
     raise OSError(f"{path} keeps being replaced")
+
+
+def _sweep():
+    """Close the entries that (a) nothing owns, (b) are unlinked and (c) share their inode with no
+    descriptor of this process outside the table. The caller holds _shared_lock."""
+    if not os.path.isdir(_PROC_FDS):
+        return  # (c) cannot be checked: never close
+    gone = [(key, e.fd) for key, e in _shared.items() if e.owner() is None and _unlinked(e.fd)]
+    gone += [(key, fd) for key, fd in _spare if _unlinked(fd)]
+    if not gone:
+        return
+    ours = {e.fd for e in _shared.values()} | {fd for _, fd in _spare}
+    elsewhere = _inodes_outside(ours, {key for key, _ in gone})
+    if elsewhere is None:
+        return
+    for key, fd in gone:
+        if key in elsewhere:
+            continue
+        if _shared.get(key) is not None and _shared[key].fd == fd:
+            del _shared[key]
+        else:
+            _spare.remove((key, fd))
+        os.close(fd)  # (a), (b), (c): no reader, no name, no lock of this process on the inode
+
+
+def _unlinked(fd):
+    try:
+        return os.fstat(fd).st_nlink == 0
+    except OSError:
+        return False
+
+
+def _inodes_outside(ours, keys):
+    """Which of `keys` some descriptor of this process outside `ours` is on; None when unknown."""
+    found = set()
+    try:
+        names = os.listdir(_PROC_FDS)
+    except OSError:
+        return None
+    for name in names:
+        try:
+            fd = int(name)
+            if fd in ours:
+                continue
+            st = os.stat(f"{_PROC_FDS}/{name}")  # the file the descriptor is on, unlinked or not
+        except (ValueError, OSError):
+            continue  # closed since the listing (the listing's own descriptor, say): not on our files
+        key = st.st_dev, st.st_ino
+        if key in keys:
+            found.add(key)
+    return found
 
 
 def open_descriptors():
@@ -89,6 +188,10 @@ class PayloadFile:
                 owned = _Owned(os.open(self._path, os.O_RDONLY | O_BINARY))
                 current = self._current = (io.file_id_of_fd(owned.fd), _pread_on(io.pread, owned))
             return current[1]
+
+    def new_lock(self):
+        """A new lock object (a child of a fork: the old one may be held by a thread that is not there)."""
+        self._lock = threading.Lock()
 
     def _seek_read(self, length, offset):
         with open(self._path, "rb") as f:

@@ -16,13 +16,14 @@ Cost of a probe: one stat() of the database path (a replaced file is another fil
 pread of 4 or 96 bytes, with the GIL held where libc I/O is available (fileio.py).
 """
 
-__all__ = ["ENABLED", "COUNTER", "SHM_HEADER", "HEADER_BYTES", "is_wal", "wal_state"]
+__all__ = ["ENABLED", "COUNTER", "SHM_HEADER", "HEADER_BYTES", "is_wal", "wal_state", "unchanged"]
 
 ENABLED = True  # False: every view built from now on is probed with PRAGMA data_version instead
 COUNTER = (4, 24)  # (length, offset) of the file change counter in the database header
 SHM_HEADER = (96, 0)  # (length, offset) of the wal-index header's two copies in the -shm file
 _WAL_BYTE = 18  # the database header's read version: 2 means WAL
 HEADER_BYTES = 100
+_SALTS = slice(32, 40)  # the wal-index header's aSalt: the WAL file's salts (walformat.html)
 
 
 def is_wal(header):
@@ -37,3 +38,13 @@ def wal_state(pread, shm_fd):
     if header[:48] != header[48:]:
         return None
     return header
+
+
+def unchanged(before, now):
+    """True when two wal-index headers read from one -shm file, with our kept connection closed
+    in between, prove that nothing was committed in between: equal, and not the header SQLite writes
+    whenever it rebuilds the wal-index of an empty WAL (zero salts, the same every time, so equal
+    ones may stand on either side of commits that a checkpoint then emptied out of the WAL).
+    A header with salts names one WAL generation (a restarted WAL gets new ones) and its frames up to
+    mxFrame (their checksum chain), so an equal one is the same state."""
+    return before is not None and before == now and before[_SALTS] != bytes(_SALTS.stop - _SALTS.start)

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 
-from . import changelog
+from . import changelog, forks
 from .build import Retry, build
 
 log = logging.getLogger("enhanced_audit_log_service")
@@ -53,7 +53,13 @@ class Rebuilder:
 
     def due(self):
         """True when no build runs and the throttle allows one (read without the lock: a hint)."""
-        return self.thread is None and time.monotonic() >= self._not_before
+        return not self.running() and time.monotonic() >= self._not_before
+
+    def running(self):
+        """True while a build thread runs. A thread recorded but never started (a KeyboardInterrupt
+        between the two) or not there at all (a child of a fork) does not count."""
+        thread = self.thread
+        return thread is not None and thread.is_alive()
 
     def start(self, compaction=False):
         """Start a build unless one runs or the throttle says wait. The caller holds the service's lock."""
@@ -73,7 +79,7 @@ class Rebuilder:
 
     def join(self):
         thread = self.thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
             thread.join()
 
     def _run(self, compaction):
@@ -88,12 +94,15 @@ class Rebuilder:
                 if not compaction and not self._wait_until_quiet(previous, started):
                     return  # writes never paused for long enough; a later request starts another
                 build_started = time.monotonic()
-                try:
-                    view, problem = build(service._db, service._io, service._next_ticket())
-                except Retry:
-                    continue  # a commit arrived between the chunks (or the file was replaced): again
-                self._note_build(build_started, problem)
-                service._publish_built(view)
+                # one unit of SQLite work from the read to the publication: a fork between the two
+                # would close the kept connection whose -shm file the new view's probe reads
+                with forks.sqlite_section():
+                    try:
+                        view, problem = build(service._db, service._io, service._next_ticket())
+                    except Retry:
+                        continue  # a commit arrived between the chunks (or the file was replaced): again
+                    self._note_build(build_started, problem)
+                    service._publish_built(view)
                 return
         except Exception as exc:  # the next request retries, and raises the error itself if it persists
             service._warnings.warn("rebuild-failed", "%s: background index rebuild failed (%s: %s); "
@@ -140,8 +149,9 @@ class Rebuilder:
 
     def _log_installed(self):
         db = self._service._db
-        conn = db.connect()
-        try:
-            return db.run(conn, changelog.installed)
-        finally:
-            conn.close()
+        with forks.sqlite_section():
+            conn = db.connect()
+            try:
+                return db.run(conn, changelog.installed)
+            finally:
+                conn.close()

@@ -22,7 +22,7 @@ from itertools import count
 import audit_log_service as _baseline
 
 from . import cursor as cursors
-from . import events
+from . import events, forks
 from .build import Retry, build, data_version
 from .catchup import catch_up, refresh
 from .db import BUSY_TIMEOUT, KEYSET_AFTER_SQL, KEYSET_SQL, PAGE_SQL, Database, missing_db
@@ -63,6 +63,7 @@ class EnhancedAuditLogService:
         self._stats["refresh_seconds"] = self._stats["lock_wait_seconds"] = 0.0
         self._warnings = RateLimitedLog()
         self._open_parts()
+        forks.register(self)
 
     def _open_parts(self):
         self._db = Database(self._db_path, self._io)
@@ -83,15 +84,16 @@ class EnhancedAuditLogService:
             raise TypeError(f"seed must be True or False, not {seed!r}")
         if self._view is not None:
             return
-        if seed and (os.path.abspath(self._db_path) == os.path.abspath(_baseline.DB_PATH)
-                and os.path.abspath(self._payload_path) == os.path.abspath(_baseline.PAYLOAD_FILE)):
-            _baseline.init()  # the baseline owns the schema and seeding of its own files
-        with self._lock:
-            if self._closed:
-                self._closed = False
-                self._open_parts()
-            if self._view is None:
-                self._view = self._build_now()
+        with forks.sqlite_section():  # seeding and the build call SQLite: a fork waits for them
+            if seed and (os.path.abspath(self._db_path) == os.path.abspath(_baseline.DB_PATH)
+                    and os.path.abspath(self._payload_path) == os.path.abspath(_baseline.PAYLOAD_FILE)):
+                _baseline.init()  # the baseline owns the schema and seeding of its own files
+            with self._lock:
+                if self._closed:
+                    self._closed = False
+                    self._open_parts()
+                if self._view is None:
+                    self._view = self._build_now()
 
     def close(self):
         """Close every connection; drop the payload reader. Idempotent. init() reopens.
@@ -102,7 +104,7 @@ class EnhancedAuditLogService:
         with self._lock:
             self._closed = True
             rebuilder = self._rebuilder
-        rebuilder.join()
+        rebuilder.join()  # no gate held: the build thread may need to pass it to stop
         with self._lock:
             self._view = None
             self._stale = None
@@ -128,7 +130,7 @@ class EnhancedAuditLogService:
             out = dict(self._stats)
             view = self._view
             out["indexed"] = view is not None and view.base is not None
-            out["rebuilding"] = self._rebuilder.thread is not None
+            out["rebuilding"] = self._rebuilder.running()
             out["closed"] = self._closed
         out["io"] = self._io.name
         out["capi"] = self._db.reader is not None
@@ -250,7 +252,9 @@ class EnhancedAuditLogService:
         self._stats["refresh_seconds"] += refresh_seconds
 
     def _mark_stale(self, view):
-        """No catch-up can make `view` current: SQLite answers until a full build. Caller holds _lock."""
+        """No catch-up can make `view` (the current view, its probe perhaps derived again by
+        catchup.recheck) current: SQLite answers until a full build. Caller holds _lock."""
+        self._view = view
         self._stale = self._probe_now(view)
         self._rebuilder.start()
 
@@ -261,7 +265,7 @@ class EnhancedAuditLogService:
             return None
 
     def _build_now(self):
-        """A full build in the caller's thread (init). Caller holds _lock."""
+        """A full build in the caller's thread (init). Caller holds _lock, inside the gate."""
         for attempt in range(10):
             started = time.monotonic()
             try:
@@ -278,7 +282,7 @@ class EnhancedAuditLogService:
 
     def _publish_built(self, view):
         """Publish a background build, caught up from the log first when there is one."""
-        with self._lock:
+        with forks.sqlite_section(), self._lock:
             self._stats["full_rebuilds"] += 1
             if self._closed:
                 return
@@ -304,3 +308,21 @@ class EnhancedAuditLogService:
         self._warnings.warn("unindexable", "%s: %s, which the in-memory index cannot hold; requests are answered "
                             "by SQLite with the baseline's query until it changes", self._db_path, problem)
 
+    # -- fork safety (forks.py) ---------------------------------------------------------------------
+
+    def _before_fork(self):
+        """With the gate held exclusively, before the Database closes its connections: a view read
+        through the -shm file or the data_version of the kept connection is marked Unverified, for
+        both processes re-verify it (catchup.recheck) once the kept connection is open again. A
+        rollback-journal view is probed through the database file itself and stays as it is."""
+        with self._lock:
+            view = self._view
+            if view is not None and (view.wal or view.probe is None):
+                self._view = view.unverified()
+                self._stale = None  # a stale view is looked at again too, through the live probe
+
+    def _after_fork_in_child(self):
+        """Only the forking thread exists in the child: new locks, and no background build running."""
+        self._lock = threading.Lock()
+        self._rebuilder.thread = None
+        self._payload.new_lock()

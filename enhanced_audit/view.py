@@ -1,6 +1,6 @@
 """The view a request reads: an immutable snapshot of audit_events and the state it is current for."""
 
-__all__ = ["View"]
+__all__ = ["View", "Unverified"]
 
 from typing import NamedTuple, Optional
 
@@ -32,6 +32,14 @@ class View(NamedTuple):
     def file_id(self):
         return self.stamp[0]
 
+    def unverified(self):
+        """This view with its state wrapped in Unverified, which no probe reading equals: the next
+        request re-verifies it (catchup.recheck) before serving it. For a view read through a -shm
+        descriptor or PRAGMA data_version of a kept connection that has been closed since."""
+        if type(self.stamp[1]) is Unverified:
+            return self
+        return self._replace(stamp=(self.stamp[0], Unverified(self.stamp[1])))
+
     def _check(self, payload_size=None):
         """Assert the invariants of base and delta; a view without a base has no delta."""
         if self.base is None:
@@ -40,3 +48,18 @@ class View(NamedTuple):
         self.base._check(payload_size)
         if self.delta is not None:
             self.delta._check(self.base)
+
+
+class Unverified:
+    """A view's state that may no longer be comparable with what its probe reads: a -shm file is only
+    sure to stay the live one while a connection holds the database open (SQLite deletes it when the
+    last one closes, and the next opener makes a new one), and data_version is per connection.
+    Equal to nothing but itself."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"Unverified({self.state!r})"
