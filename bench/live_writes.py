@@ -188,6 +188,9 @@ def measure(size, mode, pattern, impl, seconds, concurrency):
                     print(f"  note: {size} {mode} {pattern}: catch-ups ran through the sqlite3 module", file=sys.stderr)
                 stats = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
                 row.update(refreshes=stats["refreshes"], rebuilds=stats["full_rebuilds"],
+                           builds=stats["background_rebuilds"],
+                           build_ms=stats["rebuild_seconds"] / stats["background_rebuilds"] * 1e3
+                           if stats["background_rebuilds"] else 0.0,
                            fallbacks=stats["fallback_answers"],
                            refresh_us=stats["refresh_seconds"] / stats["refreshes"] * 1e6 if stats["refreshes"] else 0.0,
                            # requests whose catch-up met a writer's lock, and how long they waited for it
@@ -296,9 +299,9 @@ def save_rounds(rounds):
 def print_table(rows, args, what):
     for r in rows:
         for k in ("rps_x", "p99_x", "p999_x", "commits_per_s", "commit_p99_ms", "refresh_us", "lock_waits_pct",
-                  "lock_wait_ms"):
+                  "lock_wait_ms", "build_ms"):
             r.setdefault(k, float("nan"))
-        for k in ("rebuilds", "fallbacks"):
+        for k in ("rebuilds", "builds", "fallbacks"):
             r.setdefault(k, "")
     table(f"runner.run at concurrency {args.concurrency}, {args.seconds:g} s of requests a run; x: ratio to the "
           f"same size, mode and implementation with no writer; waits %: requests whose catch-up met a writer's "
@@ -309,7 +312,8 @@ def print_table(rows, args, what):
               ("p99_x", "p99 x", 7, ".2f"), ("p999_x", "p99.9 x", 8, ".2f"), ("commits_per_s", "commit/s", 9, ".1f"),
               ("commit_p99_ms", "commit p99", 11, ".2f"), ("refresh_us", "refresh us", 11, ".0f"),
               ("lock_waits_pct", "waits %", 8, ".2f"), ("lock_wait_ms", "wait ms", 8, ".2f"),
-              ("rebuilds", "rebuilds", 9, ""), ("fallbacks", "fallbacks", 10, "")])
+              ("rebuilds", "rebuilds", 9, ""), ("builds", "builds", 7, ""), ("build_ms", "build ms", 9, ".0f"),
+              ("fallbacks", "fallbacks", 10, "")])
 
 
 def main():
