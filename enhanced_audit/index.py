@@ -5,7 +5,6 @@ __all__ = ["Index", "Delta", "select", "position_after", "PAIR"]
 import sys
 from array import array
 from bisect import bisect_left, bisect_right, insort
-from collections import Counter
 from itertools import accumulate
 
 PAIR = 1 << 32  # by_pair key: actor_id * PAIR + action code (codes are < PAIR, so keys are unique)
@@ -21,13 +20,18 @@ class _Groups:
     __slots__ = ("positions", "spans")
 
     def __init__(self, keys):
-        """O(n log n) at C speed: a stable sort of the positions by key keeps each group ascending."""
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        spans, start = {}, 0
-        for key, size in sorted(Counter(keys).items()):
-            spans[key] = start << 32 | (start + size)
-            start += size
-        self.positions = array("i", order)
+        """O(n): positions are appended in ascending order, so every group comes out sorted."""
+        groups = {}
+        for pos, key in enumerate(keys):
+            try:
+                groups[key].append(pos)
+            except KeyError:
+                groups[key] = [pos]
+        flat, spans = [], {}
+        for key, group in groups.items():
+            spans[key] = len(flat) << 32 | (len(flat) + len(group))
+            flat += group
+        self.positions = array("i", flat)
         self.spans = spans
 
     def _items(self):
