@@ -57,10 +57,13 @@ class Image:
 
 
 def read_image(conn):
-    """The image of audit_events as `conn` sees it now, or None when it is not clean. One statement:
-    O(n) inside SQLite, about 50 ms for 50,000 rows here, with the GIL released throughout."""
+    """The image of audit_events as `conn` sees it now, or None when it is not clean or too long for
+    one SQLite string (about 100 million rows at SQLite's default limit). One statement: O(n) inside
+    SQLite, about 50 ms for 50,000 rows here, with the GIL released throughout."""
     try:
         got = conn.execute(IMAGE_SQL).fetchone()
+    except sqlite3.DataError:
+        return None  # a string longer than SQLite's SQLITE_LIMIT_LENGTH: the typed read has no such limit
     except sqlite3.OperationalError as exc:
         if str(exc).startswith("Could not decode to UTF-8"):
             return None  # the typed read meets the same text and fails (or not) as the baseline's does

@@ -1,6 +1,6 @@
 """The background rebuild policy: when a view cannot be caught up from a change log, or its delta has
-grown, a build runs on one thread while requests are answered meanwhile (by SQLite while the view is
-stale).
+grown, a build runs on one thread. Requests on the stale view wait for the build that covers them
+(service.py, _await_build) for at most wait_limit(), then SQLite answers them.
 
 - At once: a build starts as soon as a request finds the view stale, with no wait for the writes to
   pause. Without a change log it reads the column image (image.py) in one read transaction and hands

@@ -7,8 +7,9 @@ One request (execute):
   3. catchup.py   otherwise the view is caught up from the change log, or found stale;
   4. index.py     select(): bisections for the window and filter, then a slice (no OFFSET walk);
   5. events.py    one positioned read and one json.loads per event (files.PayloadFile);
-  a stale view (no change log) is answered by SQLite with the baseline's query (db.py) while
-  rebuild.py builds a new one in the background (build.py).
+  a stale view (no change log) waits for the background build that covers it (rebuild.py,
+  build.py), or, when none comes within about two builds' time, is answered by SQLite with the
+  baseline's query (db.py).
 """
 
 __all__ = ["EnhancedAuditLogService", "ServiceClosed"]
@@ -124,8 +125,10 @@ class EnhancedAuditLogService:
         return False
 
     def stats(self):
-        """Counters since construction (refreshes, refresh_seconds, changes_applied, full_rebuilds,
-        background_rebuilds, stale_rebuilds, fallback_answers, lock_waits, lock_wait_seconds: catchup.py)
+        """Counters since construction (refreshes, refresh_seconds, changes_applied, lock_waits,
+        lock_wait_seconds: catchup.py; background_rebuilds: builds published from the background,
+        rebuild_seconds: their time, stale_rebuilds: those already stale when published, full_rebuilds:
+        builds that made a new base, init's included; fallback_answers: answers from SQLite)
         and the state now: io, capi (catch-ups read through capi.py, which keeps the GIL), indexed (the
         view has an index), rebuilding (a background build runs), closed, sqlite_descriptors (the
         process-wide table of files.py)."""

@@ -564,6 +564,22 @@ class ImageBuilds(unittest.TestCase):
             writer.close()
 
 
+    @unittest.skipUnless(hasattr(sqlite3.Connection, "setlimit"), "Connection.setlimit: Python 3.11+")
+    def test_an_image_longer_than_sqlites_limit_reads_typed_rows(self):
+        with DataCopy(rows=500) as data:
+            real = db_module.Database.connect
+
+            def limited(db, *args, **kwargs):
+                conn = real(db, *args, **kwargs)
+                conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1000)  # shorter than any column's string
+                return conn
+            with mock.patch.object(db_module.Database, "connect", limited):
+                view = self._build(data)
+            self.assertIsNone(view.image)
+            self.assertIsNotNone(view.base)
+            self.assertEqual(view_rows(view), table_rows(data.db))
+
+
 class InitHoldsNoLock(unittest.TestCase):
     def test_other_calls_proceed_while_init_builds(self):
         """A slow first build: stats() and a second service's requests go on meanwhile, and a
