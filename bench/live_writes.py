@@ -1,7 +1,8 @@
 """Readers through runner.run while another process writes: baseline, enhanced with and without the change log.
 
 `--impls enhanced+log,enhanced+log:module` is the A/B of capi.py: the same service with catch-ups read
-through the sqlite3 module (capi.ENABLED = False) instead of SQLite's C API.
+through the sqlite3 module (capi.ENABLED = False) instead of SQLite's C API. `--impls ...,idle` adds runs
+with the writer alone (no readers), the reference for the writer's commit latency under readers.
 """
 
 import argparse
@@ -31,6 +32,7 @@ MODES = {"rollback": "DELETE", "wal": "WAL"}
 WRITERS = ("none", "rate1", "rate10", "rate100", "batch100", "retention")
 IMPLS = ("baseline", "enhanced+log", "enhanced")  # the default matrix
 MODULE_ONLY = "enhanced+log:module"  # the change log, catch-ups through the sqlite3 module (capi.py's A/B)
+IDLE = "idle"  # no readers: the writer's own commit latency, what readers add to it is the cost to the writer
 PATTERNS = {"rate1": (1, 1), "rate10": (10, 1), "rate100": (100, 1), "batch100": (10, 100), "retention": (10, 1)}
 RETENTION_AT = 1.0  # s after the writer starts: the readers (started at 0.5 s) are running when the delete lands
 RUN = os.path.join(LIVE, f"run-{os.getpid()}")  # per invocation: two invocations never share scratch files
@@ -169,7 +171,12 @@ def measure(size, mode, pattern, impl, seconds, concurrency):
     row = {"size": size, "mode": mode, "writer": pattern, "impl": impl}
     try:
         with baseline_paths(db, payloads):
-            if impl == "baseline":
+            if impl == IDLE:
+                row.update(requests=0, rps=float("nan"), p50_ms=float("nan"), p99_ms=float("nan"),
+                           p999_ms=float("nan"), max_ms=float("nan"))
+                with writer(folder, pattern) as report:
+                    time.sleep(seconds)
+            elif impl == "baseline":
                 baseline.init()
                 for _ in range(5):
                     baseline.handle_request()  # warm the page cache like the service's init does
@@ -188,6 +195,9 @@ def measure(size, mode, pattern, impl, seconds, concurrency):
                     print(f"  note: {size} {mode} {pattern}: catch-ups ran through the sqlite3 module", file=sys.stderr)
                 stats = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
                 row.update(refreshes=stats["refreshes"], rebuilds=stats["full_rebuilds"],
+                           builds=stats["background_rebuilds"],
+                           build_ms=stats["rebuild_seconds"] / stats["background_rebuilds"] * 1e3
+                           if stats["background_rebuilds"] else 0.0,
                            fallbacks=stats["fallback_answers"],
                            refresh_us=stats["refresh_seconds"] / stats["refreshes"] * 1e6 if stats["refreshes"] else 0.0,
                            # requests whose catch-up met a writer's lock, and how long they waited for it
@@ -231,6 +241,12 @@ def summarize(rows, alone):
             check(f"{tag} rps / no writer", r["rps_x"], ">= 0.8", r["rps_x"] >= 0.8)
             check(f"{tag} p99 / no writer", r["p99_x"], "<= 2", r["p99_x"] <= 2)
             check(f"{tag} p99.9 / no writer", r["p999_x"], "<= 3", r["p999_x"] <= 3)
+        if impl == "enhanced" and size == "50k" and pattern in ("rate1", "rate10"):
+            tag = f"{size} {mode} {pattern} no log:"
+            check(f"{tag} rps / no writer", r["rps_x"], ">= 0.5" if pattern == "rate1" else ">= 0.1",
+                  r["rps_x"] >= (0.5 if pattern == "rate1" else 0.1))
+            if pattern == "rate1":
+                check(f"{tag} p99 / no writer", r["p99_x"], "<= 5", r["p99_x"] <= 5)
         base = by.get((size, mode, pattern, "baseline"))
         if impl == "enhanced" and pattern in ("rate10", "rate100") and base:
             tag = f"{size} {mode} {pattern} no log:"
@@ -262,6 +278,8 @@ def one_round(lists, args):
         for mode in lists["modes"]:
             for pattern in lists["writers"]:
                 for impl in lists["impls"]:  # the implementations in turn, so drift hits all alike
+                    if impl == IDLE and pattern == "none":
+                        continue  # nothing to measure
                     rows.append(measure(size, mode, pattern, impl, args.seconds, args.concurrency))
                     print(f"  done: {size} {mode} {pattern} {impl}: {rows[-1]['rps']:.0f} rps", file=sys.stderr)
         if "wal" in lists["modes"] and "rate100" in lists["writers"]:
@@ -295,10 +313,10 @@ def save_rounds(rounds):
 
 def print_table(rows, args, what):
     for r in rows:
-        for k in ("rps_x", "p99_x", "p999_x", "commits_per_s", "commit_p99_ms", "refresh_us", "lock_waits_pct",
-                  "lock_wait_ms"):
+        for k in ("rps_x", "p99_x", "p999_x", "commits_per_s", "commit_p50_ms", "commit_p99_ms", "refresh_us", "lock_waits_pct",
+                  "lock_wait_ms", "build_ms"):
             r.setdefault(k, float("nan"))
-        for k in ("rebuilds", "fallbacks"):
+        for k in ("rebuilds", "builds", "fallbacks"):
             r.setdefault(k, "")
     table(f"runner.run at concurrency {args.concurrency}, {args.seconds:g} s of requests a run; x: ratio to the "
           f"same size, mode and implementation with no writer; waits %: requests whose catch-up met a writer's "
@@ -307,9 +325,10 @@ def print_table(rows, args, what):
               ("rps", "rps", 8, ".0f"), ("p50_ms", "p50 ms", 8, ".2f"), ("p99_ms", "p99 ms", 9, ".2f"),
               ("p999_ms", "p99.9 ms", 10, ".2f"), ("max_ms", "max ms", 9, ".1f"), ("rps_x", "rps x", 7, ".2f"),
               ("p99_x", "p99 x", 7, ".2f"), ("p999_x", "p99.9 x", 8, ".2f"), ("commits_per_s", "commit/s", 9, ".1f"),
-              ("commit_p99_ms", "commit p99", 11, ".2f"), ("refresh_us", "refresh us", 11, ".0f"),
+              ("commit_p50_ms", "commit p50", 11, ".2f"), ("commit_p99_ms", "commit p99", 11, ".2f"), ("refresh_us", "refresh us", 11, ".0f"),
               ("lock_waits_pct", "waits %", 8, ".2f"), ("lock_wait_ms", "wait ms", 8, ".2f"),
-              ("rebuilds", "rebuilds", 9, ""), ("fallbacks", "fallbacks", 10, "")])
+              ("rebuilds", "rebuilds", 9, ""), ("builds", "builds", 7, ""), ("build_ms", "build ms", 9, ".0f"),
+              ("fallbacks", "fallbacks", 10, "")])
 
 
 def main():
@@ -332,7 +351,7 @@ def main():
     if args.quick:
         args.sizes, args.writers, args.seconds = "50k", "none,rate10", 2.0
     lists = {k: getattr(args, k).split(",") for k in ("sizes", "modes", "writers", "impls")}
-    for key, allowed in (("sizes", SIZES), ("modes", MODES), ("writers", WRITERS), ("impls", IMPLS + (MODULE_ONLY,))):
+    for key, allowed in (("sizes", SIZES), ("modes", MODES), ("writers", WRITERS), ("impls", IMPLS + (MODULE_ONLY, IDLE))):
         bad = [v for v in lists[key] if v not in allowed]
         if bad:
             print(f"ERROR: --{key}: unknown {bad}; choose from {list(allowed)}", file=sys.stderr)

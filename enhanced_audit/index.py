@@ -54,14 +54,22 @@ class Index:
 
     def __init__(self, rows):
         """O(n log n). `rows` come in the baseline's order (SQL ORDER BY created_at DESC, id DESC)."""
-        self.n = len(rows)
-        ids, created, actors, actions, types, rids, offsets, lengths = (
-            [r[i] for r in rows] for i in range(8))
+        self._fill(*([r[i] for r in rows] for i in range(8)))
+
+    @classmethod
+    def from_columns(cls, columns):
+        """The index of eight columns (COLUMNS order, each a sequence in the baseline's order). O(n)."""
+        index = cls.__new__(cls)
+        index._fill(*columns)
+        return index
+
+    def _fill(self, ids, created, actors, actions, types, rids, offsets, lengths):
+        self.n = len(ids)
         self.ids = _int_array(ids)
         self.inv_created = _int_array([~c for c in created])
         self.actors = _int_array(actors)
         # one interned table for action and resource_type strings
-        code_of = self.code_of = {s: i for i, s in enumerate(dict.fromkeys(actions + types))}
+        code_of = self.code_of = {s: i for i, s in enumerate(dict.fromkeys((*actions, *types)))}
         self.strings = [sys.intern(s) if type(s) is str else s for s in code_of]
         code_type = "H" if len(code_of) <= 0xFFFF else "I"
         acodes = list(map(code_of.__getitem__, actions))

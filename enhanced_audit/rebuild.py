@@ -1,10 +1,16 @@
-"""The background rebuild policy: when a view cannot be caught up, or its delta has grown, a full
-build runs on one thread while requests are answered meanwhile (by SQLite while the view is stale).
+"""The background rebuild policy: when a view cannot be caught up from a change log, or its delta has
+grown, a build runs on one thread. Requests on the stale view wait for the build that covers them
+(service.py, _await_build) for at most wait_limit(), then SQLite answers them.
 
-- Throttled: builds use at most _REBUILD_SHARE of the time.
-- Without a change log a build that reads while commits land is stale when done, so it first
-  waits for writes to pause as long as a build takes (giving up after _QUIET_GIVE_UP).
-- Data the index cannot hold backs the throttle off exponentially.
+- At once: a build starts as soon as a request finds the view stale, with no wait for the writes to
+  pause. Without a change log it reads the column image (image.py) in one read transaction and hands
+  the view it replaces to build.py, which keeps that view's base and applies the changed rows to its
+  delta (a verification that finds no change keeps base and delta as they are).
+- One at a time. A build that read a consistent state is published when it is newer than the current
+  view, even if a commit landed meanwhile: its stamp is its own state, so the next request sees the
+  probe differ and starts the next build.
+- Backoff only for failures and for data the index cannot hold: such a build is retried after
+  2**k times its duration (k the failures in a row, at most _BACKOFF_MAX).
 - Failures are logged as warnings (rate-limited): a service stuck on SQL answers says so.
 """
 
@@ -14,15 +20,15 @@ import logging
 import threading
 import time
 
-from . import changelog, forks
+from . import forks
 from .build import Retry, build
+from .db import BUSY_TIMEOUT
 
 log = logging.getLogger("enhanced_audit_log_service")
 
-_REBUILD_SHARE = 0.25  # background rebuilds use at most this share of the time
-_QUIET_GIVE_UP = 30.0  # seconds a rebuild waits for writes to pause before it gives up
-_ODD_BACKOFF = 4  # builds that keep meeting unindexable data wait up to 2**4 times longer
-_MAX_RETRIES = 10  # reads that met a commit before this build gives up until the next request
+_BACKOFF_MAX = 4  # builds that keep failing or meeting unindexable data wait up to 2**4 times their duration
+_MAX_RETRIES = 10  # reads that found another file at the path before this build gives up until the next request
+_WAIT_MIN = 0.02  # seconds a stale request waits for a build at least
 _WARN_EVERY = 300.0  # seconds between two warnings of one kind
 
 
@@ -46,13 +52,13 @@ class Rebuilder:
     def __init__(self, service):
         self._service = service
         self.thread = None  # the running build thread, or None
-        self._not_before = 0.0  # monotonic time before which no build starts (the throttle)
-        self.build_seconds = 0.0  # how long the last full build took (init's included)
-        self.odd_builds = 0  # full builds in a row that met a value the index cannot hold
+        self._not_before = 0.0  # monotonic time before which no build starts (backoff after a bad build)
+        self.build_seconds = 0.0  # how long the last build took (init's included)
+        self.odd_builds = 0  # builds in a row that failed or met a value the index cannot hold
         self._unlogged_starts = 0  # builds started for want of a change log
 
     def due(self):
-        """True when no build runs and the throttle allows one (read without the lock: a hint)."""
+        """True when no build runs and no backoff is pending (read without the lock: a hint)."""
         return not self.running() and time.monotonic() >= self._not_before
 
     def running(self):
@@ -61,8 +67,17 @@ class Rebuilder:
         thread = self.thread
         return thread is not None and thread.is_alive()
 
+    def wait_limit(self):
+        """Seconds a stale request waits for builds before SQLite answers it: two builds' time (the
+        one running may have begun before the request's commit), at least _WAIT_MIN, at most the
+        baseline's busy timeout."""
+        return min(BUSY_TIMEOUT, max(_WAIT_MIN, 2 * self.build_seconds))
+
     def start(self, compaction=False):
-        """Start a build unless one runs or the throttle says wait. The caller holds the service's lock."""
+        """Start a build unless one runs or a backoff is pending. The caller holds the service's lock.
+
+        `compaction`: fold a change-log view's delta into a new base (a full read); otherwise the
+        build reads the current state and keeps what it can of the current view."""
         if not self.due():
             return
         view = self._service._view
@@ -71,8 +86,8 @@ class Rebuilder:
             if self._unlogged_starts >= 3:
                 path = self._service._db.path
                 self._service._warnings.warn(
-                    "no-log", "%s keeps changing and has no change log: each change costs a full index rebuild "
-                    "and requests are answered by SQLite meanwhile. Install it with: python3 "
+                    "no-log", "%s keeps changing and has no change log: each change costs a read of the whole "
+                    "table, and requests are answered by SQLite until it is done. Install it with: python3 "
                     "enhanced_audit_log_service.py install-change-log %s", path, path)
         self.thread = threading.Thread(target=self._run, args=(compaction,), name="audit-index-rebuild", daemon=True)
         self.thread.start()
@@ -85,22 +100,22 @@ class Rebuilder:
     def _run(self, compaction):
         service = self._service
         started = time.monotonic()
+        good = False
         try:
             for _ in range(_MAX_RETRIES):
                 with service._lock:
                     if service._closed:
                         return
-                    previous = service._view
-                if not compaction and not self._wait_until_quiet(previous, started):
-                    return  # writes never paused for long enough; a later request starts another
+                    previous = None if compaction else service._view
                 build_started = time.monotonic()
                 # one unit of SQLite work from the read to the publication: a fork between the two
                 # would close the kept connection whose -shm file the new view's probe reads
                 with forks.sqlite_section():
                     try:
-                        view, problem = build(service._db, service._io, service._next_ticket())
+                        view, problem = build(service._db, service._io, service._next_ticket(), previous)
                     except Retry:
-                        continue  # a commit arrived between the chunks (or the file was replaced): again
+                        continue  # another file came to the path while we read: read it
+                    good = problem is None
                     self._note_build(build_started, problem)
                     service._publish_built(view)
                 return
@@ -110,48 +125,21 @@ class Rebuilder:
                                    service._db.path, type(exc).__name__, exc)
         finally:
             with service._lock:
-                took = time.monotonic() - started
-                if self.build_seconds > 0:
-                    took = min(took, self.build_seconds * 2)  # a long wait for a pause is not build time
-                backoff = 1 << min(self.odd_builds, _ODD_BACKOFF)
-                self._not_before = time.monotonic() + took * (1 / _REBUILD_SHARE - 1) * backoff
+                if good:
+                    self.odd_builds = 0
+                    self._not_before = 0.0
+                else:
+                    self.odd_builds += 1
+                    took = time.monotonic() - started
+                    self._not_before = time.monotonic() + took * (1 << min(self.odd_builds, _BACKOFF_MAX))
                 self.thread = None
+            with service._built:  # requests waiting for this build look at the view again
+                service._built.notify_all()
 
     def _note_build(self, started, problem):
         service = self._service
         with service._lock:
             self.build_seconds = time.monotonic() - started
-            self.odd_builds = 0 if problem is None else self.odd_builds + 1
+            service._stats["rebuild_seconds"] += self.build_seconds
         if problem is not None:
             service._warn_unindexable(problem)
-
-    def _wait_until_quiet(self, previous, started):
-        """True once the stamp has stood still as long as a build takes (or a change log appears:
-        the build then catches up from it). Each move of the stamp is a commit, which may be the
-        log's installation: looked for then."""
-        service = self._service
-        if previous is None or previous.probe is None:
-            return True
-        last, since = None, time.monotonic()
-        while time.monotonic() - started < _QUIET_GIVE_UP:
-            if service._closed:
-                return False
-            stamp = service._probe_now(previous)
-            now = time.monotonic()
-            if stamp != last:
-                if self._log_installed():
-                    return True
-                last, since = stamp, now
-            elif now - since >= self.build_seconds:
-                return True
-            time.sleep(0.01)
-        return False
-
-    def _log_installed(self):
-        db = self._service._db
-        with forks.sqlite_section():
-            conn = db.connect()
-            try:
-                return db.run(conn, changelog.installed)
-            finally:
-                conn.close()

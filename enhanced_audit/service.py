@@ -7,8 +7,9 @@ One request (execute):
   3. catchup.py   otherwise the view is caught up from the change log, or found stale;
   4. index.py     select(): bisections for the window and filter, then a slice (no OFFSET walk);
   5. events.py    one positioned read and one json.loads per event (files.PayloadFile);
-  a stale view (no change log) is answered by SQLite with the baseline's query (db.py) while
-  rebuild.py builds a new one in the background (build.py).
+  a stale view (no change log) waits for the background build that covers it (rebuild.py,
+  build.py), or, when none comes within about two builds' time, is answered by SQLite with the
+  baseline's query (db.py).
 """
 
 __all__ = ["EnhancedAuditLogService", "ServiceClosed"]
@@ -55,12 +56,16 @@ class EnhancedAuditLogService:
         self._io = choose_io(io)
         self._cursor_key = secrets.token_bytes(32) if cursor_key is None else bytes(cursor_key)
         self._lock = threading.Lock()  # protects: publishing _view, _closed, _stale, _stats, the Rebuilder
+        # protects: the first build of init(), so concurrent first inits run one build; requests never take it
+        self._init_lock = threading.Lock()
+        # notified when a background build ends (published or not); its lock protects nothing else
+        self._built = threading.Condition(threading.Lock())
         self._view = None  # the current View; replaced whole, never mutated
         self._closed = False
         self._stale = None  # the stamp at which the view was found stale (no catch-up possible)
         self._tickets = count(1)  # orders change detections against the reads of views
         self._stats = dict.fromkeys(_STATS, 0)
-        self._stats["refresh_seconds"] = self._stats["lock_wait_seconds"] = 0.0
+        self._stats["refresh_seconds"] = self._stats["lock_wait_seconds"] = self._stats["rebuild_seconds"] = 0.0
         self._warnings = RateLimitedLog()
         self._open_parts()
         forks.register(self)
@@ -78,7 +83,9 @@ class EnhancedAuditLogService:
 
         `seed=False`: the files as they are, never the baseline's init(); what a request before
         init() does, so without data it raises the sqlite3.OperationalError a baseline request
-        raises, and creates nothing. O(n log n): about 0.25 s for 50,000 rows here.
+        raises, and creates nothing. O(n log n): about 0.15 s for 50,000 rows here. The build runs
+        with no lock held that a request or stats() takes; concurrent first calls wait for one
+        build (on _init_lock).
         """
         if type(seed) is not bool:
             raise TypeError(f"seed must be True or False, not {seed!r}")
@@ -88,12 +95,17 @@ class EnhancedAuditLogService:
             if seed and (os.path.abspath(self._db_path) == os.path.abspath(_baseline.DB_PATH)
                     and os.path.abspath(self._payload_path) == os.path.abspath(_baseline.PAYLOAD_FILE)):
                 _baseline.init()  # the baseline owns the schema and seeding of its own files
-            with self._lock:
-                if self._closed:
-                    self._closed = False
-                    self._open_parts()
-                if self._view is None:
-                    self._view = self._build_now()
+            with self._init_lock:
+                with self._lock:
+                    if self._closed:
+                        self._closed = False
+                        self._open_parts()
+                    if self._view is not None:
+                        return
+                view = self._build_now()
+                with self._lock:
+                    if self._view is None and not self._closed:  # close() meanwhile: it stays closed
+                        self._view = view
 
     def close(self):
         """Close every connection; drop the payload reader. Idempotent. init() reopens.
@@ -121,8 +133,10 @@ class EnhancedAuditLogService:
         return False
 
     def stats(self):
-        """Counters since construction (refreshes, refresh_seconds, changes_applied, full_rebuilds,
-        background_rebuilds, stale_rebuilds, fallback_answers, lock_waits, lock_wait_seconds: catchup.py)
+        """Counters since construction (refreshes, refresh_seconds, changes_applied, lock_waits,
+        lock_wait_seconds: catchup.py; background_rebuilds: builds published from the background,
+        rebuild_seconds: their time, stale_rebuilds: those already stale when published, full_rebuilds:
+        builds that made a new base, init's included; fallback_answers: answers from SQLite)
         and the state now: io, capi (catch-ups read through capi.py, which keeps the GIL), indexed (the
         view has an index), rebuilding (a background build runs), closed, sqlite_descriptors (the
         process-wide table of files.py)."""
@@ -202,10 +216,12 @@ class EnhancedAuditLogService:
 
     def _fresh_view(self):
         """The view, caught up first if the database changed since it was taken; None when only a
-        rebuild can catch it up (the caller then asks SQLite). O(1) when nothing changed."""
+        rebuild can catch it up and none came in time (the caller then asks SQLite). O(1) when
+        nothing changed."""
         view = self._view
         if view is None:
             return self._lazy_init()
+        now = None
         if view.probe is not None:
             try:
                 now = self._io.stamp(self._db_path, *view.probe)  # one stat + one pread, the GIL kept
@@ -213,16 +229,41 @@ class EnhancedAuditLogService:
                 raise missing_db(self._db_path, exc) from exc
             if now == view.stamp:
                 return view
-            if now == self._stale:
-                # fast path: already known stale at this very state; see that a rebuild is coming
-                if self._rebuilder.due():
-                    with self._lock:
-                        self._rebuilder.start()
-                return None
+            if now == self._stale:  # fast path: already known stale at this very state
+                return self._await_build(next(self._tickets), now)
         elif (self._db.file_id() == view.file_id and view.stamp[1] is not None and data_version(
                 self._db, view.file_id, time.monotonic() + BUSY_TIMEOUT) == view.stamp[1]):
             return view  # no file to read (io="seek", no -shm): PRAGMA data_version on the kept connection
-        return catch_up(self, next(self._tickets))
+        ticket = next(self._tickets)
+        got = catch_up(self, ticket)
+        return got if got is not None else self._await_build(ticket, now)
+
+    def _await_build(self, ticket, now):
+        """The view a background build publishes for this request, or None (the caller asks SQLite).
+
+        A view serves the request when its stamp is `now`, the state the request read, or when its
+        build drew its ticket after `ticket` (it read a state later than the request's start). The
+        request waits, holding no lock, while a build runs, and starts the next one when the last
+        published view was stale again; for at most Rebuilder.wait_limit() (about two builds), and
+        not at all when no build can start (a backoff after a failed one)."""
+        deadline = time.monotonic() + self._rebuilder.wait_limit()
+        while True:
+            with self._built:
+                view = self._view
+                if view is None:
+                    return None  # closed meanwhile
+                if view.stamp == now or view.ticket > ticket:
+                    return view
+                if self._rebuilder.running():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._built.wait(left)
+                    continue
+            with self._lock:
+                if self._closed or not self._rebuilder.due():
+                    return None
+                self._rebuilder.start()
 
     def _lazy_init(self):
         if self._closed:
@@ -265,28 +306,32 @@ class EnhancedAuditLogService:
             return None
 
     def _build_now(self):
-        """A full build in the caller's thread (init). Caller holds _lock, inside the gate."""
+        """A full build in the caller's thread (init), with no lock held: it reads, and may sleep
+        out a writer's lock (db.retry_busy), while requests and catch-ups go on."""
+        db, io = self._db, self._io
         for attempt in range(10):
             started = time.monotonic()
             try:
-                view, problem = build(self._db, self._io, next(self._tickets), chunked=attempt == 0)
+                view, problem = build(db, io, next(self._tickets), chunked=attempt == 0)
             except Retry:
-                continue  # a commit between the chunks, or a replaced file: read again, in one go
-            # what a background build waits for: writes paused this long (else it would read while commits land)
-            self._rebuilder.build_seconds = time.monotonic() - started
-            self._stats["full_rebuilds"] += 1
+                continue  # a replaced file, or a schema change between the chunks: read again, in one go
+            with self._lock:
+                self._rebuilder.build_seconds = time.monotonic() - started
+                self._stats["full_rebuilds"] += 1
             if problem is not None:
                 self._warn_unindexable(problem)
             return view
         raise OSError(f"{self._db_path} kept changing under ten full reads")
 
     def _publish_built(self, view):
-        """Publish a background build, caught up from the log first when there is one."""
+        """Publish a background build, caught up from the log first when there is one; when it is newer
+        than the current view, even if a commit landed while it read (the next request sees that)."""
         with forks.sqlite_section(), self._lock:
-            self._stats["full_rebuilds"] += 1
+            current = self._view
+            if view.base is None or current is None or view.base is not current.base:
+                self._stats["full_rebuilds"] += 1  # a new base; not a build that kept the current one
             if self._closed:
                 return
-            current = self._view
             if view.base is None and current is not None and current.base is not None and (
                     self._probe_now(current) == current.stamp):
                 return  # a compaction met a value the index cannot hold: the current view is still exact
@@ -324,5 +369,7 @@ class EnhancedAuditLogService:
     def _after_fork_in_child(self):
         """Only the forking thread exists in the child: new locks, and no background build running."""
         self._lock = threading.Lock()
+        self._init_lock = threading.Lock()
+        self._built = threading.Condition(threading.Lock())
         self._rebuilder.thread = None
         self._payload.new_lock()

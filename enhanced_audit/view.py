@@ -4,6 +4,8 @@ __all__ = ["View", "Unverified"]
 
 from typing import NamedTuple, Optional
 
+from .image import check as check_image
+
 
 class View(NamedTuple):
     """Replaced whole, never mutated, so a request that read `service._view` once needs no lock.
@@ -16,7 +18,9 @@ class View(NamedTuple):
       wal-index header (WAL) or PRAGMA data_version (no probe); compared with a probe's reading;
     - `probe`: (descriptor, length, offset) read for the state, None when data_version is used;
     - `wal`: the database was in WAL mode; `seq`: the change-log sequence number included (None
-      without a change log); `schema`: PRAGMA schema_version when read.
+      without a change log); `schema`: PRAGMA schema_version when read;
+    - `image`: without a change log, the column image (image.py) of exactly this view's rows, which
+      the next build compares with a new one; None otherwise (views caught up from the log carry none).
     """
 
     base: object
@@ -27,6 +31,7 @@ class View(NamedTuple):
     wal: bool
     seq: Optional[int]
     schema: int
+    image: Optional[object] = None
 
     @property
     def file_id(self):
@@ -41,13 +46,16 @@ class View(NamedTuple):
         return self._replace(stamp=(self.stamp[0], Unverified(self.stamp[1])))
 
     def _check(self, payload_size=None):
-        """Assert the invariants of base and delta; a view without a base has no delta."""
+        """Assert the invariants of base and delta, and that the image holds their rows; a view
+        without a base has no delta and no image."""
         if self.base is None:
-            assert self.delta is None
+            assert self.delta is None and self.image is None
             return
         self.base._check(payload_size)
         if self.delta is not None:
             self.delta._check(self.base)
+        if self.image is not None:
+            check_image(self.image, self.base, self.delta)
 
 
 class Unverified:

@@ -17,6 +17,11 @@ import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
 from enhanced_audit import changelog
 from enhanced_audit import catchup as catchup_module
+from enhanced_audit import rebuild as rebuild_module
+from enhanced_audit import build as build_module
+from enhanced_audit import db as db_module
+from enhanced_audit import service as service_module
+from enhanced_audit.fileio import choose_io
 from tests.support import (ROOT, SCALE, DataCopy, append_events, baseline_answer, outcome, replace_db_with_fewer_rows,
                            switching_often)
 
@@ -178,16 +183,26 @@ class WithChangeLog(LiveCase):
 
 
 class WithoutChangeLog(LiveCase):
-    def _run(self, mode):
+    """Every kind of commit, no change log. By default a stale request waits for the background
+    build that covers it (which applies the changed rows to the view's delta); with that wait
+    switched off, SQLite answers stale requests while the build runs. Both stay exact."""
+
+    def _run(self, mode, sql_answers):
         rng = random.Random(mode + "!")
-        with DataCopy(rows=2000) as data:
+        with DataCopy(rows=2000) as data, contextlib.ExitStack() as stack:
+            if sql_answers:
+                stack.enter_context(mock.patch.object(rebuild_module.Rebuilder, "wait_limit", lambda self: 0.0))
             set_journal(data.db, mode)
             writer = Writer(data, rng)
             with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
                 for i in range(max(30, int(60 * SCALE))):
                     writer.commit_one(KINDS[i % len(KINDS)])
                     self.assert_same_as_baseline(data, service, rng, f"commit {i}")
-                self.assertGreater(service.stats()["fallback_answers"], 0)  # the stale path was taken
+                stats = service.stats()
+                if sql_answers:
+                    self.assertGreater(stats["fallback_answers"], 0, stats)  # the stale path was taken
+                else:  # the builds kept the base: the changed rows went into the delta
+                    self.assertGreater(stats["background_rebuilds"], stats["full_rebuilds"], stats)
                 deadline = time.monotonic() + 15
                 q = Query(0, 2 ** 40, None, None, 1, 10)
                 while time.monotonic() < deadline:  # quiet now: a background rebuild catches up
@@ -202,10 +217,16 @@ class WithoutChangeLog(LiveCase):
             writer.close()
 
     def test_rollback_journal(self):
-        self._run("DELETE")
+        self._run("DELETE", sql_answers=False)
 
     def test_wal(self):
-        self._run("WAL")
+        self._run("WAL", sql_answers=False)
+
+    def test_rollback_journal_answered_by_sqlite_meanwhile(self):
+        self._run("DELETE", sql_answers=True)
+
+    def test_wal_answered_by_sqlite_meanwhile(self):
+        self._run("WAL", sql_answers=True)
 
 
 class RebuildWarning(unittest.TestCase):
@@ -437,6 +458,204 @@ class Compaction(LiveCase):
         self.assertGreater(stats["changes_applied"], 0, stats)
 
 
+def view_rows(view):
+    """{id: row} of everything `view` holds: its base rows less the dead ones, plus the live delta rows."""
+    base, delta = view.base, view.delta
+    dead = set(delta.dead.values()) if delta is not None else set()
+    rows = {}
+    for p in range(base.n):
+        if p not in dead:
+            rows[base.ids[p]] = (base.ids[p], ~base.inv_created[p], base.actors[p], base.strings[base.action_codes[p]],
+                                 base.strings[base.type_codes[p]], base.rid_text[base.rid_starts[p]:base.rid_starts[p + 1]],
+                                 base.offsets[p], base.lengths[p])
+    if delta is not None:
+        rows.update((row_id, tuple(entry[2])) for row_id, entry in delta.live.items())
+    return rows
+
+
+def table_rows(db):
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return {row[0]: row for row in conn.execute(f"SELECT {db_module.COLUMNS} FROM audit_events")}
+
+
+class ImageBuilds(unittest.TestCase):
+    """Without a change log, a build compares the column image with the one of the view it replaces:
+    the changed rows go into that view's delta, nothing changed keeps the view's objects, and values an
+    image cannot spell exactly make it read typed rows. Checked at build level against the table."""
+
+    def setUp(self):
+        self.dbs = {}  # one Database a copy, as a service keeps one (in WAL mode its kept connection holds the -shm)
+
+    def tearDown(self):
+        for db in self.dbs.values():
+            db.close()
+
+    def _build(self, data, previous=None):
+        db = self.dbs.get(data.db) or self.dbs.setdefault(data.db, db_module.Database(data.db, choose_io("auto")))
+        view, _ = build_module.build(db, db._io, 1 if previous is None else previous.ticket + 1, previous)
+        if view.base is not None:
+            self.assertEqual(view_rows(view), table_rows(data.db))
+        view._check()  # base, delta, and the image holding exactly their rows
+        return view
+
+    def test_each_kind_of_commit_lands_in_the_delta(self):
+        for mode in ("DELETE", "WAL"):
+            with DataCopy(rows=2000) as data:
+                set_journal(data.db, mode)
+                view = self._build(data)
+                self.assertIsNotNone(view.image)
+                writer = Writer(data, random.Random(mode))
+                for kind in KINDS + ("insert newest",) * 3:
+                    writer.commit_one(kind)
+                    new = self._build(data, view)
+                    self.assertIs(new.base, view.base, (mode, kind))
+                    self.assertIsNotNone(new.delta, (mode, kind))
+                    view = new
+                writer.close()
+
+    def test_a_verification_that_finds_no_change_keeps_the_objects(self):
+        with DataCopy(rows=500) as data:
+            with contextlib.closing(sqlite3.connect(data.db)) as conn:
+                conn.execute("CREATE TABLE elsewhere (x)")
+            view = self._build(data)
+            with contextlib.closing(sqlite3.connect(data.db)) as conn, conn:
+                conn.execute("INSERT INTO elsewhere VALUES (1)")  # a commit that leaves audit_events alone
+            again = self._build(data, view)
+            self.assertNotEqual(again.stamp, view.stamp)
+            self.assertIs(again.base, view.base)
+            self.assertIs(again.image, view.image)
+            self.assertIsNone(again.delta)
+
+    def test_many_changes_make_a_new_base(self):
+        with DataCopy(rows=500) as data, mock.patch.object(catchup_module, "_COMPACT_MIN", 10), \
+                mock.patch.object(catchup_module, "_COMPACT_AT", 0):
+            view = self._build(data)
+            writer = Writer(data, random.Random(3))
+            for _ in range(4):
+                writer.commit_one("insert older")
+            view = self._build(data, view)
+            self.assertEqual(len(view.delta), 4)
+            for _ in range(12):
+                writer.commit_one("update actor_id")
+            new = self._build(data, view)
+            self.assertIsNot(new.base, view.base)
+            self.assertIsNone(new.delta)
+            writer.close()
+
+    # values whose text an image would spell like another value's: each makes the build read typed rows
+    AMBIGUOUS = {"action": "CAST(action AS BLOB)", "resource_id": "resource_id || char(31) || 'x'",
+                 "resource_type": "CAST(resource_type AS BLOB)", "payload_len": "CAST(CAST(payload_len AS TEXT) AS BLOB)"}
+
+    def test_values_an_image_cannot_spell_exactly(self):
+        with DataCopy(rows=500) as data:
+            view = self._build(data)
+            writer = Writer(data, random.Random(4))
+            for column, expr in self.AMBIGUOUS.items():
+                row_id = writer._any_id()
+                writer.conn.execute(f"UPDATE audit_events SET {column} = {expr} WHERE id = ?", (row_id,))
+                odd = self._build(data, view)
+                self.assertIsNone(odd.image, column)
+                writer.commit_one("insert newest")
+                odd = self._build(data, odd)  # no image to compare with: typed rows again
+                self.assertIsNone(odd.image, column)
+                writer.conn.execute("DELETE FROM audit_events WHERE id = ?", (row_id,))
+                view = self._build(data, odd)
+                self.assertIsNotNone(view.image, column)
+            writer.close()
+
+
+    @unittest.skipUnless(hasattr(sqlite3.Connection, "setlimit"), "Connection.setlimit: Python 3.11+")
+    def test_an_image_longer_than_sqlites_limit_reads_typed_rows(self):
+        with DataCopy(rows=500) as data:
+            real = db_module.Database.connect
+
+            def limited(db, *args, **kwargs):
+                conn = real(db, *args, **kwargs)
+                conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1000)  # shorter than any column's string
+                return conn
+            with mock.patch.object(db_module.Database, "connect", limited):
+                view = self._build(data)
+            self.assertIsNone(view.image)
+            self.assertIsNotNone(view.base)
+            self.assertEqual(view_rows(view), table_rows(data.db))
+
+
+class InitHoldsNoLock(unittest.TestCase):
+    def test_other_calls_proceed_while_init_builds(self):
+        """A slow first build: stats() and a second service's requests go on meanwhile, and a
+        concurrent second init() waits for that one build instead of running its own."""
+        with DataCopy(rows=300) as data:
+            entered, release, calls = threading.Event(), threading.Event(), []
+            real = service_module.build
+
+            def slow(*args, **kwargs):
+                calls.append(1)
+                entered.set()
+                release.wait(10)
+                return real(*args, **kwargs)
+            service = enhanced.EnhancedAuditLogService(data.db, data.payloads)
+            inits = [threading.Thread(target=service.init) for _ in range(2)]
+            try:
+                with mock.patch.object(service_module, "build", slow):
+                    inits[0].start()
+                    self.assertTrue(entered.wait(10))
+                    inits[1].start()
+                    got = []
+                    probe = threading.Thread(target=lambda: got.append(service.stats()))
+                    probe.start()
+                    probe.join(3)
+                    self.assertEqual(len(got), 1, "stats() waited for init's build")
+                    self.assertFalse(got[0]["indexed"])
+                    release.set()
+                    for t in inits:
+                        t.join(10)
+                self.assertEqual(len(calls), 1, "a second first build")
+                self.assertTrue(service.stats()["indexed"])
+                q = Query(0, 2 ** 40, None, None, 1, 10)
+                with data.baseline():
+                    self.assertEqual(outcome(service.execute, q), baseline_answer(q))
+            finally:
+                release.set()
+                service.close()
+
+
+class PromptRebuild(unittest.TestCase):
+    def test_a_steady_writer_does_not_keep_the_index_stale(self):
+        """No change log, a commit every 30 ms for 3 s: builds start at once (no wait for a pause),
+        and requests are answered mostly from the index (generous bounds)."""
+        for mode in ("DELETE", "WAL"):
+            with DataCopy(rows=2000) as data, quiet():
+                set_journal(data.db, mode)
+                stop = threading.Event()
+                with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+                    created = service.execute(Query(0, 2 ** 40, None, None, 1, 10))["events"][0]["created_at"]
+
+                    def write():
+                        k = 0
+                        while not stop.is_set():
+                            k += 1
+                            append_events(data.db, data.payloads, [(created + k, 3, "UPDATE")])
+                            time.sleep(0.03)
+                    writer = threading.Thread(target=write)
+                    before = service.stats()
+                    requests = 0
+                    writer.start()
+                    try:
+                        end = time.monotonic() + 3
+                        while time.monotonic() < end:
+                            service.execute(Query(0, 2 ** 40, None, None, 1, 10))
+                            requests += 1
+                            time.sleep(0.001)
+                    finally:
+                        stop.set()
+                        writer.join()
+                    after = service.stats()
+                builds = after["background_rebuilds"] - before["background_rebuilds"]
+                fallbacks = after["fallback_answers"] - before["fallback_answers"]
+                self.assertGreaterEqual(builds, 10, (mode, after))
+                self.assertLess(fallbacks, requests / 2, (mode, requests, after))
+
+
 class ChangeLogBound(LiveCase):
     def test_bound_holds_and_a_reader_behind_it_rebuilds(self):
         with DataCopy(rows=1000) as data:
@@ -497,7 +716,8 @@ class KeysetWalks(unittest.TestCase):
                 return got
 
     def test_walks_after_changes_equal_sql_order(self):
-        # with the log the walk runs over base + delta; without it the stale pages come from SQLite
+        # with the log the walk runs over base + delta caught up from it; without it, over base + delta
+        # from a background build that compared the column image
         for logged in (True, False):
             with DataCopy(rows=600) as data:
                 if logged:
@@ -516,7 +736,7 @@ class KeysetWalks(unittest.TestCase):
                             got = self._walk(service, actor_id, action)
                             self.assertEqual([g[:2] for g in got], want, (logged, actor_id, action))
                     stats = service.stats()
-                    self.assertTrue(stats["refreshes"] > 0 if logged else stats["fallback_answers"] > 0, stats)
+                    self.assertTrue(stats["refreshes"] > 0 if logged else stats["background_rebuilds"] > 0, stats)
 
 
 class InstallChangeLog(unittest.TestCase):
