@@ -21,6 +21,19 @@ import threading
 HAVE_PREAD = hasattr(os, "pread")
 O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 _HAVE_PREAD = HAVE_PREAD
+NOWAIT_KIND = "auto"  # prototype knob: "auto", "os", "libc", "off"
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+
+
+def _os_nowait(fd, length, offset, _preadv=getattr(os, "preadv", None), _flag=_RWF_NOWAIT):
+    buf = bytearray(length)
+    try:
+        got = _preadv(fd, (buf,), offset, _flag)
+    except BlockingIOError:
+        return None
+    if got != length:
+        return None
+    return buf
 
 
 class _OsIO:
@@ -30,6 +43,7 @@ class _OsIO:
 
     def __init__(self):
         self.pread = os.pread if _HAVE_PREAD else None
+        self.pread_nowait = _os_nowait if (_HAVE_PREAD and NOWAIT_KIND in ("os", "auto")) else None
 
     @staticmethod
     def file_id(path):
@@ -158,6 +172,36 @@ class _LibcIO:
             return bytes(raw)
 
         self.pread, self.file_id, self.stamp, self.file_id_of_fd = pread, file_id, stamp, file_id_of_fd
+        self.pread_nowait = _os_nowait if NOWAIT_KIND == "os" else None
+        if NOWAIT_KIND in ("auto", "libc"):
+            c_preadv2 = getattr(libc, "preadv64v2", None) or libc.preadv2
+            c_preadv2.restype = ctypes.c_ssize_t
+
+            class iovec(ctypes.Structure):
+                _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+            nslots = {}
+            c_flags = ctypes.c_int(_RWF_NOWAIT)
+            one = ctypes.c_int(1)
+
+            def pread_nowait(fd, length, offset):
+                tid = get_ident()
+                slot = nslots.pop(tid, None)
+                if slot is None or slot[1] < length:
+                    cap = max(length, 4096)
+                    b = new_buffer(cap)
+                    iov = iovec(addressof(b), 0)
+                    slot = (b, cap, iov, c_int(), c_int64(), ctypes.byref(iov))
+                b, _, iov, fd_arg, off_arg, iov_ref = slot
+                iov.len = length
+                fd_arg.value, off_arg.value = fd, offset
+                got = c_preadv2(fd_arg, iov_ref, one, off_arg, c_flags)
+                if got != length:
+                    nslots[tid] = slot
+                    return None
+                data = b[:got]
+                nslots[tid] = slot
+                return data
+            self.pread_nowait = pread_nowait
 
 
 def choose_io(kind):

@@ -71,7 +71,7 @@ class PayloadFile:
         self._current = None  # (file id, read function); replaced whole
         self._lock = threading.Lock()  # protects: replacing _current
 
-    def reader(self):
+    def reader(self, section=None):
         """A `read(length, offset)` on the file now at the path. O(1): one stat when unchanged.
 
         Raises FileNotFoundError (or OSError) as the baseline's open() would.
@@ -82,13 +82,18 @@ class PayloadFile:
         fid = io.file_id(self._path)
         current = self._current
         if current is not None and current[0] == fid:
+            if section is not None and io.pread_nowait is not None:
+                return _nowait_on(io.pread_nowait, current[2], section)
             return current[1]
         with self._lock:
             current = self._current
             if current is None or current[0] != fid:
                 owned = _Owned(os.open(self._path, os.O_RDONLY | O_BINARY))
-                current = self._current = (io.file_id_of_fd(owned.fd), _pread_on(io.pread, owned))
-            return current[1]
+                current = self._current = (io.file_id_of_fd(owned.fd), _pread_on(io.pread, owned),
+                                           owned)
+        if section is not None and io.pread_nowait is not None:
+            return _nowait_on(io.pread_nowait, current[2], section)
+        return current[1]
 
     def _seek_read(self, length, offset):
         with open(self._path, "rb") as f:
@@ -118,4 +123,19 @@ def _pread_on(pread, owned):
 
     def read(length, offset, _keep=owned):  # _keep: the descriptor lives as long as this function
         return pread(fd, length, offset)
+    return read
+
+
+def _nowait_on(nowait, owned, section, _pread=os.pread):
+    fd = owned.fd
+
+    def read(length, offset, _keep=owned):
+        data = nowait(fd, length, offset)
+        if data is None:
+            section.release()
+            try:
+                data = _pread(fd, length, offset)
+            finally:
+                section.acquire()
+        return data
     return read
