@@ -14,18 +14,24 @@ Cache:
 - cold: a separate process calls posix_fadvise(POSIX_FADV_DONTNEED) on the whole payload file every
   20 ms for the duration of the cell, so most payload reads go to the disk.
 
-Implementations (`--impls`, comma-separated): `baseline`, `enhanced` (the service as shipped), or
+Implementations (`--impls`, comma-separated): `baseline`, `floor` (per event of a known answer one
+os.pread, one json.loads and one dict, answers found before timing: what no implementation can skip),
+`enhanced` (the service as shipped), or
 `enhanced:` followed by settings joined by `:` (see VARIANT_HELP) to A/B a mechanism in the same run.
 Each round runs every implementation once, in turn; every round's figures are printed, then medians.
 """
 
 import argparse
+import collections
 import contextlib
+import itertools
+import json
 import os
 import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 from common import ROOT, emit_json
@@ -33,11 +39,14 @@ from common import ROOT, emit_json
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
 import runner
-from enhanced_audit import fileio, service as service_module
+from enhanced_audit import events, fileio
+from enhanced_audit.index import select
 from tests.support import fingerprint, timed
 
-VARIANT_HELP = ("io=libc|os (the service's io argument), section=on|off (the request lock), "
-                "nowait=auto|os|libc|off (how a read that would block is told apart)")
+VARIANT_HELP = ("io=libc|os (the service's io argument), nowait=on|off (fileio.NOWAIT: reads that would "
+                "block told apart), hint=on|off (fileio.WILL_NEED: the rest of a page asked for after one), "
+                "onepass=on|off (events.ONE_PASS), lock=fifo (the whole request under "
+                "one FIFO lock per service, the lock design measured against the one pass)")
 EVICT_EVERY = 0.02  # seconds between two posix_fadvise(DONTNEED) calls in cold mode
 _EVICTOR = """
 import os, sys, time
@@ -81,23 +90,69 @@ def picking(pick):
         baseline._pick_query = saved
 
 
-def make_service(spec):
-    """An initialised EnhancedAuditLogService for `spec` ("enhanced" or "enhanced:key=value:...")."""
-    settings = dict(part.split("=", 1) for part in spec.split(":")[1:])
-    unknown = set(settings) - {"io", "section", "nowait"}
-    if unknown or not spec.startswith("enhanced"):
-        raise SystemExit(f"unknown implementation {spec!r}; settings: {VARIANT_HELP}")
-    saved = service_module.SECTION, fileio.NOWAIT_KIND
-    try:
-        if "section" in settings:
-            service_module.SECTION = {"on": True, "off": False}.get(settings["section"], settings["section"])
-        if "nowait" in settings:
-            fileio.NOWAIT_KIND = settings["nowait"]
-        service = enhanced.EnhancedAuditLogService(io=settings.get("io", "auto"))
-    finally:
-        service_module.SECTION, fileio.NOWAIT_KIND = saved
-    service.init()
-    return service
+class FifoLock:
+    """First come, first served: release() hands the lock to the longest waiter."""
+
+    def __init__(self):
+        self._mutex = threading.Lock()  # protects: _held, _waiters
+        self._held = False
+        self._waiters = collections.deque()
+
+    def __enter__(self):
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
+        waiter.acquire()  # released by the holder's __exit__: the lock is ours
+
+    def __exit__(self, *exc_info):
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._held = False
+
+
+class Variant:
+    """An initialised EnhancedAuditLogService for `spec` ("enhanced" or "enhanced:key=value:..."),
+    and the module settings its runs need (applied by `running()`)."""
+
+    def __init__(self, spec):
+        settings = dict(part.split("=", 1) for part in spec.split(":")[1:])
+        if set(settings) - {"io", "nowait", "hint", "onepass", "lock"} or not spec.startswith("enhanced"):
+            raise SystemExit(f"unknown implementation {spec!r}; settings: {VARIANT_HELP}")
+        saved = fileio.NOWAIT, fileio.WILL_NEED
+        fileio.NOWAIT = settings.get("nowait", "on") == "on"  # both read when the service is made
+        fileio.WILL_NEED = settings.get("hint", "on") == "on"
+        try:
+            self.service = enhanced.EnhancedAuditLogService(io=settings.get("io", "auto"))
+        finally:
+            fileio.NOWAIT, fileio.WILL_NEED = saved
+        self.service.init()
+        self.one_pass = settings.get("onepass", "on") == "on"
+        execute = self.service.execute
+        if settings.get("lock") == "fifo":
+            lock = FifoLock()
+
+            def execute(query, _execute=execute):
+                with lock:
+                    return _execute(query)
+        self.execute = execute
+
+    def handle_request(self):
+        return self.execute(baseline._pick_query())
+
+    @contextlib.contextmanager
+    def running(self):
+        saved = events.ONE_PASS
+        events.ONE_PASS = self.one_pass
+        try:
+            yield
+        finally:
+            events.ONE_PASS = saved
 
 
 @contextlib.contextmanager
@@ -116,6 +171,34 @@ def cache_state(mode):
     finally:
         proc.terminate()
         proc.wait()
+
+
+def work_floor(service, picker, plans=3000, seed=5):
+    """A load function doing only what no implementation can skip: the draw, then per event of the
+    known answer one os.pread, one json.loads and one dict. Answers are found before timing, for a
+    cycle of `plans` draws (bench/concurrency.py's floor, for either workload)."""
+    state = baseline._rng.getstate()
+    baseline._rng.seed(seed)
+    view = service._fresh_view()
+    idx = view.base
+    answers = []
+    for _ in range(plans):
+        q = picker()
+        positions, _ = select(view, q.from_ts, q.to_ts, q.actor_id, q.action, (q.page - 1) * q.page_size,
+                              q.page_size)
+        answers.append([(idx.ids[p], ~idx.inv_created[p], idx.actors[p], idx.strings[idx.action_codes[p]],
+                         idx.strings[idx.type_codes[p]], idx.rid_text[idx.rid_starts[p]:idx.rid_starts[p + 1]],
+                         idx.offsets[p], idx.lengths[p]) for p in positions])
+    baseline._rng.setstate(state)
+    fd = os.open(baseline.PAYLOAD_FILE, os.O_RDONLY)  # for the life of the benchmark
+    nxt = itertools.cycle(answers).__next__
+    loads, pread = json.loads, service._io.pread or os.pread  # libc keeps the GIL where it can
+
+    def load():
+        picker()
+        return [{"id": i, "created_at": c, "actor_id": a, "action": act, "resource_type": rt, "resource_id": rid,
+                 "payload": loads(pread(fd, n, off))} for i, c, a, act, rt, rid, off, n in nxt()]
+    return load
 
 
 def events_per_request(load, n=400):
@@ -139,17 +222,23 @@ def main():
     args = parser.parse_args()
     impls = args.impls.split(",")
     baseline.init()
-    services = {spec: make_service(spec) for spec in impls if spec != "baseline"}
+    services = {spec: Variant(spec) for spec in impls if spec not in ("baseline", "floor")}
     pick = pages_picker(7, args.filters)
     loads = {}
+    floor_of = None
     for spec in impls:
-        if spec == "baseline":
+        if spec == "floor":
+            floor_of = floor_of or enhanced.EnhancedAuditLogService()
+            floor_of.init()
+            loads[("contract", spec)] = work_floor(floor_of, lambda: baseline._pick_query())
+            loads[("pages", spec)] = work_floor(floor_of, pick)
+        elif spec == "baseline":
             loads[("contract", spec)] = baseline.handle_request
             loads[("pages", spec)] = baseline.handle_request  # run inside picking(pick)
         else:
             loads[("contract", spec)] = services[spec].handle_request
-            loads[("pages", spec)] = (lambda s: lambda: s.execute(pick()))(services[spec])
-    first = services[next(s for s in impls if s != "baseline")] if services else None
+            loads[("pages", spec)] = (lambda execute: lambda: execute(pick()))(services[spec].execute)
+    first = next(iter(services.values()), None)
     density = {}
     if first is not None:
         density = {"contract": events_per_request(first.handle_request),
@@ -165,7 +254,12 @@ def main():
                             total = args.total
                             if spec == "baseline":
                                 total = args.baseline_total or (300 if workload == "contract" else 600)
-                            ctx = picking(pick) if (workload, spec) == ("pages", "baseline") else contextlib.nullcontext()
+                            if spec in services:
+                                ctx = services[spec].running()
+                            elif workload == "pages":
+                                ctx = picking(pick)
+                            else:
+                                ctx = contextlib.nullcontext()
                             with ctx:
                                 m = runner.run(timed(loads[(workload, spec)]), args.warmup, total, conc)[0]
                             row = dict(workload=workload, cache=cache, concurrency=conc, round=rnd + 1, impl=spec,
@@ -175,8 +269,8 @@ def main():
                                 print(f"{workload:>8} {cache:>4} c{conc:<3} r{rnd + 1} {spec:<34} {m['rps']:9.0f} rps"
                                       f"  p50 {m['p50_ms']:8.3f}  p90 {m['p90_ms']:8.3f}  p99 {m['p99_ms']:8.3f} ms",
                                       flush=True)
-    for service in services.values():
-        service.close()
+    for variant in services.values():
+        variant.service.close()
     summary = summarize(rows, impls)
     if args.json:
         emit_json({"fingerprint": fingerprint()[0], "events_per_request": density, "rows": rows, "summary": summary})
@@ -199,7 +293,7 @@ def summarize(rows, impls):
                          p99_ms=statistics.median(r["p99_ms"] for r in runs),
                          rps_rounds=[round(r["rps"]) for r in runs],
                          p99_rounds=[round(r["p99_ms"], 3) for r in runs])
-            if base is not None and spec != "baseline":
+            if base is not None and spec != "baseline":  # the floor too: the most any implementation reaches
                 entry["rps_x_rounds"] = [round(r["rps"] / b["rps"], 2) for r, b in zip(runs, base)]
                 entry["p99_x_rounds"] = [round(b["p99_ms"] / r["p99_ms"], 2) for r, b in zip(runs, base)]
             out.append(entry)

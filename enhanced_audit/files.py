@@ -10,11 +10,12 @@ by every service in the process. What that holds is bounded by the distinct data
 files the process has read (README, known limits), not by requests, threads or services.
 """
 
-__all__ = ["sqlite_fd", "PayloadFile", "open_descriptors"]
+__all__ = ["sqlite_fd", "PayloadFile", "PageReader", "open_descriptors"]
 
 import os
 import threading
 
+from . import fileio
 from .fileio import O_BINARY
 
 _shared = {}  # (st_dev, st_ino) -> descriptor: never closed (see the module docstring)
@@ -68,32 +69,45 @@ class PayloadFile:
 
     def __init__(self, io, path):
         self._io, self._path = io, path
-        self._current = None  # (file id, read function); replaced whole
+        # read here, so that a test or benchmark sets them per service
+        self._nowait, self._will_need = fileio.NOWAIT, fileio.WILL_NEED
+        self._current = None  # (file id, PageReader); replaced whole
         self._lock = threading.Lock()  # protects: replacing _current
+        self._seek = PageReader(self._seek_read, None, self._seek_read)
 
-    def reader(self, section=None):
-        """A `read(length, offset)` on the file now at the path. O(1): one stat when unchanged.
+    def reader(self):
+        """A PageReader on the file now at the path. O(1): one stat when unchanged.
 
         Raises FileNotFoundError (or OSError) as the baseline's open() would.
         """
         io = self._io
         if io.pread is None:
-            return self._seek_read
+            return self._seek
         fid = io.file_id(self._path)
         current = self._current
         if current is not None and current[0] == fid:
-            if section is not None and io.pread_nowait is not None:
-                return _nowait_on(io.pread_nowait, current[2], section)
             return current[1]
         with self._lock:
             current = self._current
             if current is None or current[0] != fid:
                 owned = _Owned(os.open(self._path, os.O_RDONLY | O_BINARY))
-                current = self._current = (io.file_id_of_fd(owned.fd), _pread_on(io.pread, owned),
-                                           owned)
-        if section is not None and io.pread_nowait is not None:
-            return _nowait_on(io.pread_nowait, current[2], section)
-        return current[1]
+                current = self._current = (io.file_id_of_fd(owned.fd), self._reader_on(owned))
+            return current[1]
+
+    def _reader_on(self, owned):
+        io, fd = self._io, owned.fd
+        reads = will_need = None
+        if io.reads is not None:
+            nowait = self._nowait and getattr(io.reads, "nowait", False) and not fileio.nowait_refused(fd)
+            page = io.reads
+
+            def reads(lengths, offsets, _keep=owned):
+                return page(fd, lengths, offsets, nowait)
+            hint = getattr(page, "will_need", None)
+            if nowait and self._will_need and hint is not None:
+                def will_need(lengths, offsets, _keep=owned):
+                    hint(fd, lengths, offsets)
+        return PageReader(_pread_on(io.pread, owned), reads, _pread_on(os.pread, owned), will_need)
 
     def _seek_read(self, length, offset):
         with open(self._path, "rb") as f:
@@ -104,6 +118,21 @@ class PayloadFile:
         """Drop the shared reader; a request still using it keeps its file open until it is done."""
         with self._lock:
             self._current = None
+
+
+class PageReader:
+    """How events.py reads one payload file:
+
+    - `read(length, offset)`: one positioned read (the io's pread: libc keeps the GIL);
+    - `reads(lengths, offsets)`: a page of reads as one lazy C-level iteration, stopping at the
+      first read that would wait for the disk (fileio.py); None where there is no pread;
+    - `read_released(length, offset)`: one os.pread, which releases the GIL while the disk works.
+    """
+
+    __slots__ = ("read", "reads", "read_released", "will_need")
+
+    def __init__(self, read, reads, read_released, will_need=None):
+        self.read, self.reads, self.read_released, self.will_need = read, reads, read_released, will_need
 
 
 class _Owned:
@@ -123,19 +152,4 @@ def _pread_on(pread, owned):
 
     def read(length, offset, _keep=owned):  # _keep: the descriptor lives as long as this function
         return pread(fd, length, offset)
-    return read
-
-
-def _nowait_on(nowait, owned, section, _pread=os.pread):
-    fd = owned.fd
-
-    def read(length, offset, _keep=owned):
-        data = nowait(fd, length, offset)
-        if data is None:
-            section.release()
-            try:
-                data = _pread(fd, length, offset)
-            finally:
-                section.acquire()
-        return data
     return read

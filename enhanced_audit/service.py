@@ -32,44 +32,8 @@ from .index import select
 from .query import check_fields, parse, path_arg
 from .rebuild import RateLimitedLog, Rebuilder
 
-SECTION = True  # prototype knob
-
 _STATS = ("refreshes", "changes_applied", "full_rebuilds", "background_rebuilds", "stale_rebuilds",
           "fallback_answers", "lock_waits")
-
-
-class _FairLock:
-    def __init__(self):
-        from collections import deque
-        self._mutex = threading.Lock()
-        self._held = False
-        self._waiters = deque()
-
-    def acquire(self):
-        mutex = self._mutex
-        mutex.acquire()
-        if not self._held:
-            self._held = True
-            mutex.release()
-            return True
-        w = threading.Lock()
-        w.acquire()
-        self._waiters.append(w)
-        mutex.release()
-        w.acquire()
-        return True
-
-    def release(self):
-        with self._mutex:
-            if self._waiters:
-                self._waiters.popleft().release()
-            else:
-                self._held = False
-
-    __enter__ = acquire
-
-    def __exit__(self, *a):
-        self.release()
 
 
 class ServiceClosed(ValueError):
@@ -90,7 +54,6 @@ class EnhancedAuditLogService:
         self._payload_path = path_arg("payload_path", payload_path, _baseline.PAYLOAD_FILE)
         self._io = choose_io(io)
         self._cursor_key = secrets.token_bytes(32) if cursor_key is None else bytes(cursor_key)
-        self._section = (_FairLock() if SECTION == "fair" else threading.Lock()) if SECTION else None
         self._lock = threading.Lock()  # protects: publishing _view, _closed, _stale, _stats, the Rebuilder
         self._view = None  # the current View; replaced whole, never mutated
         self._closed = False
@@ -191,16 +154,11 @@ class EnhancedAuditLogService:
             rows = self._db.query(PAGE_SQL, (from_ts, to_ts, actor_id, actor_id, action, action, page_size,
                                              (page - 1) * page_size))
             found = self._from_rows(rows)
-        else:
-            section = self._section
-            if section is None:
-                items, _ = select(view, from_ts, to_ts, actor_id, action, (page - 1) * page_size, page_size)
-                found = events.from_view(view, items, self._payload.reader(), self._payload_path) if len(items) else []
-            else:
-                with section:
-                    items, _ = select(view, from_ts, to_ts, actor_id, action, (page - 1) * page_size, page_size)
-                    found = events.from_view(view, items, self._payload.reader(section), self._payload_path) if len(items) else []
-        return {"query": echo, "events": found, "count": len(found)}
+            return {"query": echo, "events": found, "count": len(found)}
+        items, _ = select(view, from_ts, to_ts, actor_id, action, (page - 1) * page_size, page_size)
+        count = len(items)  # taken before: no call may follow the page's one pass (events.py)
+        found = events.from_view(view, items, self._payload.reader(), self._payload_path) if count else []
+        return {"query": echo, "events": found, "count": count}
 
     def list_after(self, from_ts, to_ts, actor_id=None, action=None, page_size=20, cursor=None):
         """Keyset pagination: the next `page_size` matches strictly after `cursor`, in
