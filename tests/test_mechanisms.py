@@ -116,6 +116,28 @@ class Fallbacks(unittest.TestCase):
             stats = self.exact_under_writes(mode, "io=seek", io="seek")
             self.assertEqual(stats["io"], "seek")
 
+    def test_stat_through_xstat_as_on_glibc_before_2_33(self):
+        import ctypes
+        real = ctypes.PyDLL(None)
+        if not hasattr(real, "__xstat") or not hasattr(real, "stat"):
+            self.skipTest("this libc does not export both stat and __xstat")
+
+        class OldGlibc:  # exports no stat, as glibc before 2.33
+            def __getattr__(self, name):
+                if name == "stat":
+                    raise AttributeError(name)
+                return getattr(real, name)
+        with mock.patch.object(ctypes, "PyDLL", lambda name: OldGlibc()):
+            old = fileio.choose_io("libc")
+        new = fileio.choose_io("libc")
+        for path in (baseline.DB_PATH, baseline.PAYLOAD_FILE, "."):
+            self.assertEqual(old.file_id(path), new.file_id(path), path)
+        with self.assertRaises(FileNotFoundError):
+            old.file_id("no-such-file")
+        with mock.patch.object(ctypes, "PyDLL", lambda name: OldGlibc()):
+            with enhanced.EnhancedAuditLogService(io="auto") as service:
+                self.assertEqual(service.stats()["io"], "libc")
+
     def test_libc_file_ids_of_descriptors_match_paths(self):
         try:
             libc = fileio.choose_io("libc")
