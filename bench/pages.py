@@ -27,21 +27,20 @@ import contextlib
 import itertools
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
 import threading
 import time
 
-from common import ROOT, emit_json
+from common import emit_json
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
 import runner
 from enhanced_audit import events, fileio
 from enhanced_audit.index import select
-from tests.support import fingerprint, timed
+from tests.support import fingerprint, pages_picker, timed
 
 VARIANT_HELP = ("io=libc|os (the service's io argument), nowait=on|off (fileio.NOWAIT: reads that would "
                 "block told apart), hint=on|off (fileio.WILL_NEED: the rest of a page asked for after one), "
@@ -56,27 +55,6 @@ while True:
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     time.sleep(every)
 """
-
-
-def data_range():
-    """(oldest, newest) created_at of the contract database."""
-    import sqlite3
-    with contextlib.closing(sqlite3.connect(baseline.DB_PATH)) as conn:
-        return conn.execute("SELECT min(created_at), max(created_at) FROM audit_events").fetchone()
-
-
-def pages_picker(seed, filters):
-    """A _pick_query stand-in for the pages workload (module docstring)."""
-    lo, hi = data_range()
-    rng = random.Random(seed)
-
-    def pick():
-        actor_id = action = None
-        if filters == "drawn":
-            actor_id = rng.choice([None, rng.randint(1, 2000)])
-            action = rng.choice([None, "UPDATE", "CREATE", "DELETE"])
-        return baseline.Query(lo, hi, actor_id, action, rng.randint(1, 100), rng.choice([10, 20, 50]))
-    return pick
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@
 
 import codecs
 import dis
-import json
 import os
 import random
 import sqlite3
@@ -211,7 +210,8 @@ class WouldBlock(unittest.TestCase):
             # an attempt that would have waited reads nothing, or part of its event when part is cached
             self.assertGreaterEqual(read_bytes - probe_bytes, payload_bytes, q)
             self.assertLessEqual(read_bytes - probe_bytes, payload_bytes + sum(n for n, _ in released), q)
-            self.assertTrue(all(span in spans for span in released), "each real read: payload_len bytes at payload_offset")
+            self.assertTrue(all(span in spans for span in released),
+                            "each real read: payload_len bytes at payload_offset")
             self.assertEqual(len(set(released)), len(released), "no event read twice for real")
             self.assertEqual(read_calls - probe_calls, k + len(released),
                              f"{q}: one read an event, one more for each that would have waited")
