@@ -38,7 +38,7 @@ from common import emit_json
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
 import runner
-from enhanced_audit import events, fileio
+from enhanced_audit import events, fileio, files
 from enhanced_audit.index import select
 from tests.support import fingerprint, pages_picker, timed
 
@@ -100,15 +100,16 @@ class Variant:
 
     def __init__(self, spec):
         settings = dict(part.split("=", 1) for part in spec.split(":")[1:])
-        if set(settings) - {"io", "nowait", "hint", "onepass", "lock"} or not spec.startswith("enhanced"):
+        if set(settings) - {"io", "nowait", "hint", "turns", "onepass", "lock"} or not spec.startswith("enhanced"):
             raise SystemExit(f"unknown implementation {spec!r}; settings: {VARIANT_HELP}")
-        saved = fileio.NOWAIT, fileio.WILL_NEED
-        fileio.NOWAIT = settings.get("nowait", "on") == "on"  # both read when the service is made
+        saved = fileio.NOWAIT, fileio.WILL_NEED, files.TURNS
+        fileio.NOWAIT = settings.get("nowait", "on") == "on"  # all three read when the service is made
         fileio.WILL_NEED = settings.get("hint", "on") == "on"
+        files.TURNS = settings.get("turns", "on") == "on"
         try:
             self.service = enhanced.EnhancedAuditLogService(io=settings.get("io", "auto"))
         finally:
-            fileio.NOWAIT, fileio.WILL_NEED = saved
+            fileio.NOWAIT, fileio.WILL_NEED, files.TURNS = saved
         self.service.init()
         self.one_pass = settings.get("onepass", "on") == "on"
         execute = self.service.execute

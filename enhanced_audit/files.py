@@ -1,5 +1,6 @@
 """Descriptor ownership: SQLite's files are opened once per process and never closed; the payload
-file's descriptor is closed only once no request can still be reading through it.
+file's descriptor is closed only once no request can still be reading through it. Reads of the
+payload file that wait for the disk take turns (Turns).
 
 Why SQLite's files are never closed: on POSIX, closing any descriptor of a file releases every
 fcntl() lock the process holds on that file, the locks SQLite holds for the application's own
@@ -10,10 +11,11 @@ by every service in the process. What that holds is bounded by the distinct data
 files the process has read (README, known limits), not by requests, threads or services.
 """
 
-__all__ = ["sqlite_fd", "PayloadFile", "PageReader", "open_descriptors"]
+__all__ = ["TURNS", "sqlite_fd", "PayloadFile", "PageReader", "Turns", "open_descriptors"]
 
 import os
 import threading
+from collections import deque
 
 from . import fileio
 from .fileio import O_BINARY
@@ -21,6 +23,7 @@ from .fileio import O_BINARY
 _shared = {}  # (st_dev, st_ino) -> descriptor: never closed (see the module docstring)
 _spare = []  # descriptors opened in a race for an id already shared: kept too, never closed
 _shared_lock = threading.Lock()  # protects: _shared, _spare
+TURNS = True  # False: reads that wait for the disk take no turn (Turns); read when a PayloadFile is made
 
 
 def sqlite_fd(io, path):
@@ -73,6 +76,7 @@ class PayloadFile:
         self._nowait, self._will_need = fileio.NOWAIT, fileio.WILL_NEED
         self._current = None  # (file id, PageReader); replaced whole
         self._lock = threading.Lock()  # protects: replacing _current
+        self._turns = Turns() if TURNS else None  # orders the reads that wait for the disk (read_released)
         self._seek = PageReader(self._seek_read, None, self._seek_read)
 
     def reader(self):
@@ -107,7 +111,10 @@ class PayloadFile:
             if nowait and self._will_need and hint is not None:
                 def will_need(lengths, offsets, _keep=owned):
                     hint(fd, lengths, offsets)
-        return PageReader(_pread_on(io.pread, owned), reads, _pread_on(os.pread, owned), will_need)
+        released = _pread_on(os.pread, owned)
+        if self._turns is not None:
+            released = self._turns.around(released)
+        return PageReader(_pread_on(io.pread, owned), reads, released, will_need)
 
     def _seek_read(self, length, offset):
         with open(self._path, "rb") as f:
@@ -126,13 +133,79 @@ class PageReader:
     - `read(length, offset)`: one positioned read (the io's pread: libc keeps the GIL);
     - `reads(lengths, offsets)`: a page of reads as one lazy C-level iteration, stopping at the
       first read that would wait for the disk (fileio.py); None where there is no pread;
-    - `read_released(length, offset)`: one os.pread, which releases the GIL while the disk works.
+    - `read_released(length, offset)`: one os.pread, which releases the GIL while the disk works,
+      taking its turn (Turns): one such read at a time per payload file;
+    - `will_need(lengths, offsets)`: asks the kernel to start reading these spans, or None.
     """
 
     __slots__ = ("read", "reads", "read_released", "will_need")
 
     def __init__(self, read, reads, read_released, will_need=None):
         self.read, self.reads, self.read_released, self.will_need = read, reads, read_released, will_need
+
+
+class Turns:
+    """A first-come-first-served lock for the reads that wait for the disk.
+
+    Protects no data: it lets one thread at a time wait for the disk with the GIL released. A
+    thread coming back from the disk needs the GIL again, and CPython hands it to one waiting
+    thread at a time in no set order; with every thread that went to the disk waiting for it, the
+    one back first can wait through many others' turns (tens of ms at 8 threads). Queued here, the
+    others sleep on their own lock instead, and the GIL is free again as soon as the threads still
+    running reach their own read that would wait. The page's other reads were started before
+    (will_need), so a request's turn is short. Held only around os.pread; never around a SQLite call.
+    """
+
+    def __init__(self):
+        self._mutex = threading.Lock()  # protects: _held, _waiting
+        self._held = False
+        self._waiting = deque()  # one lock per queued thread, acquired by it; released to hand the turn over
+        self._local = threading.local()  # .queued: this thread waits for or holds a turn
+
+    def around(self, read):
+        """`read` taking its turn: O(1) besides the wait. A nested call on a thread that already
+        waits for or holds a turn (a signal handler) reads without one instead of waiting for itself."""
+        local = self._local
+
+        def turn_read(length, offset):
+            if getattr(local, "queued", False):
+                return read(length, offset)
+            local.queued = True
+            try:
+                self._acquire()
+                try:
+                    return read(length, offset)
+                finally:
+                    self._release()
+            finally:
+                local.queued = False
+        return turn_read
+
+    def _acquire(self):
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            mine = threading.Lock()
+            mine.acquire()
+            self._waiting.append(mine)
+        try:
+            mine.acquire()  # released by the holder handing its turn over: the turn is ours
+        except BaseException:  # interrupted while queued (KeyboardInterrupt): leave no dead turn behind
+            with self._mutex:
+                if mine in self._waiting:
+                    self._waiting.remove(mine)
+                    mine = None
+            if mine is not None:  # handed over meanwhile: pass it on
+                self._release()
+            raise
+
+    def _release(self):
+        with self._mutex:
+            if self._waiting:
+                self._waiting.popleft().release()
+            else:
+                self._held = False
 
 
 class _Owned:

@@ -16,6 +16,8 @@ import random
 import sqlite3
 import sys
 import tempfile
+import threading
+import time
 import unittest
 from contextlib import closing
 from itertools import islice
@@ -23,7 +25,7 @@ from unittest import mock
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
-from enhanced_audit import capi, changelog, db as dbmod, events, fileio, probe
+from enhanced_audit import capi, changelog, db as dbmod, events, fileio, files, probe
 from enhanced_audit import service as service_module
 from tests.support import DataCopy, Oracle, append_events, baseline_answer
 from tests.test_guest import set_journal
@@ -236,6 +238,10 @@ class WouldBlock(unittest.TestCase):
             with enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads) as service:
                 self.assertIsNone(service._payload.reader().will_need)
                 self.cold_pages(service, expect_released=True)
+        with mock.patch.object(files, "TURNS", False):
+            with enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads) as service:
+                self.assertIsNone(service._payload._turns)
+                self.cold_pages(service, expect_released=True)
 
     @unittest.skipUnless(os.path.exists("/proc/self/io") and hasattr(os, "posix_fadvise"), "needs Linux")
     def test_evicted_pages_without_nowait(self):
@@ -268,6 +274,68 @@ class WouldBlock(unittest.TestCase):
                         self.assertEqual(service.execute(q), want, (io, q, n))
                         self.assertEqual(sum(counts), want["count"], (io, q, n))
                         self.assertEqual(counts[1] > 0, n < want["count"], (io, q, n))
+
+
+class Turns(unittest.TestCase):
+    """files.Turns: reads that wait for the disk, one at a time, first come first served."""
+
+    def test_first_come_first_served(self):
+        turns = files.Turns()
+        order, started = [], []
+        gate = threading.Event()
+
+        def read(length, offset):
+            order.append(offset)
+            if offset == 0:
+                gate.wait(10)  # the first holds its turn until all others queue
+            return b""
+        turned = turns.around(read)
+        threads = [threading.Thread(target=turned, args=(1, n)) for n in range(6)]
+        threads[0].start()
+        while not order:
+            time.sleep(0.001)
+        for t in threads[1:]:
+            t.start()
+            while len(turns._waiting) < threads.index(t):  # queued in the order started
+                time.sleep(0.001)
+        gate.set()
+        for t in threads:
+            t.join(10)
+        self.assertEqual(order, list(range(6)))
+        self.assertFalse(turns._held)
+
+    def test_a_nested_read_takes_no_turn(self):
+        turns = files.Turns()
+        inner = turns.around(lambda length, offset: b"inner")
+        outer = turns.around(lambda length, offset: inner(1, 0) + b" in outer")  # would wait for itself
+        got = []
+        thread = threading.Thread(target=lambda: got.append(outer(1, 0)), daemon=True)
+        thread.start()
+        thread.join(10)
+        self.assertEqual(got, [b"inner in outer"])
+        self.assertFalse(turns._held)
+
+    def test_an_interrupted_wait_leaves_no_turn_behind(self):
+        turns = files.Turns()
+        turns._acquire()  # held elsewhere
+
+        class Interrupted:
+            def __init__(self):
+                self.calls = 0
+
+            def acquire(self):
+                self.calls += 1
+                if self.calls == 2:  # the blocking wait for the turn
+                    raise KeyboardInterrupt
+
+        fake = mock.Mock(Lock=Interrupted)
+        with mock.patch.object(files, "threading", fake), self.assertRaises(KeyboardInterrupt):
+            turns._acquire()
+        self.assertEqual(len(turns._waiting), 0)
+        turns._release()
+        self.assertFalse(turns._held)
+        turns._acquire()  # free again at once
+        turns._release()
 
 
 class OnePass(unittest.TestCase):
