@@ -383,6 +383,7 @@ class OnePass(unittest.TestCase):
         executed = []
 
         def local(frame, event, arg):
+            frame.f_trace_opcodes = True  # set here too: Python 3.14 ignores it when set on the call event
             if event == "opcode":
                 executed.append((frame.f_code.co_name, names[frame.f_code].get(frame.f_lasti)))
             return local
@@ -390,7 +391,6 @@ class OnePass(unittest.TestCase):
         def tracer(frame, event, arg):
             if frame.f_code in watched:
                 frame.f_trace_opcodes = True
-                frame.f_trace_lines = False
                 return local
             return None
         with enhanced.EnhancedAuditLogService() as service:
