@@ -381,26 +381,11 @@ class OnePass(unittest.TestCase):
                                         events._page, events._one_pass)}
         names = {code: {i.offset: i.opname for i in dis.get_instructions(code)} for code in watched}
         executed = []
-
-        def local(frame, event, arg):
-            frame.f_trace_opcodes = True  # set here too: Python 3.14 ignores it when set on the call event
-            if event == "opcode":
-                executed.append((frame.f_code.co_name, names[frame.f_code].get(frame.f_lasti)))
-            return local
-
-        def tracer(frame, event, arg):
-            if frame.f_code in watched:
-                frame.f_trace_opcodes = True
-                return local
-            return None
         with enhanced.EnhancedAuditLogService() as service:
             q = Query(0, 2 ** 40, None, None, 3, 20)
             service.execute(q)
-            sys.settrace(tracer)
-            try:
-                got = service.execute(q)
-            finally:
-                sys.settrace(None)
+            got = _traced(watched, lambda code, offset: executed.append((code.co_name, names[code].get(offset))),
+                          lambda: service.execute(q))
         self.assertEqual(got["count"], 20)
         built = [i for i, (name, op) in enumerate(executed) if name == "_one_pass" and op == "LIST_EXTEND"]
         self.assertTrue(built, executed)
@@ -409,6 +394,41 @@ class OnePass(unittest.TestCase):
         switch_points = [op for op in after if op.startswith(("CALL", "PRECALL")) or op in ("JUMP_BACKWARD",
                                                                                              "JUMP_ABSOLUTE")]
         self.assertEqual(switch_points, [], after)
+
+
+def _traced(codes, on_instruction, run):
+    """run(), calling on_instruction(code, offset) before each instruction of `codes` it executes:
+    through sys.monitoring (Python 3.12+), else sys.settrace with opcode events."""
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is not None:
+        tool = next(t for t in range(6) if monitoring.get_tool(t) is None)
+        monitoring.use_tool_id(tool, "tests.test_mechanisms")
+        try:
+            monitoring.register_callback(tool, monitoring.events.INSTRUCTION, on_instruction)
+            for code in codes:
+                monitoring.set_local_events(tool, code, monitoring.events.INSTRUCTION)
+            return run()
+        finally:
+            for code in codes:
+                monitoring.set_local_events(tool, code, 0)
+            monitoring.register_callback(tool, monitoring.events.INSTRUCTION, None)
+            monitoring.free_tool_id(tool)
+
+    def local(frame, event, arg):
+        if event == "opcode":
+            on_instruction(frame.f_code, frame.f_lasti)
+        return local
+
+    def tracer(frame, event, arg):
+        if frame.f_code in codes:
+            frame.f_trace_opcodes = True
+            return local
+        return None
+    sys.settrace(tracer)
+    try:
+        return run()
+    finally:
+        sys.settrace(None)
 
 
 @unittest.skipUnless(capi.available(), "the SQLite C API is not available through ctypes here")
