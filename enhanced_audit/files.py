@@ -1,6 +1,7 @@
 """Descriptor ownership: SQLite's files are read through a process-wide table of descriptors, each
 closed only when that cannot drop a lock; the payload file's descriptor is closed once no request
-can still be reading through it.
+can still be reading through it. Reads of the payload file that wait for the disk take turns
+(Turns).
 
 Why a descriptor on SQLite's files is not simply closed: on POSIX, closing any descriptor of a file
 releases every fcntl() lock the process holds on that file, the locks SQLite holds for the
@@ -17,19 +18,21 @@ comes back as a new inode (SQLite deletes it when the last connection to the dat
 So the table holds the files in use and at most one sweep's worth of files gone since.
 """
 
-__all__ = ["sqlite_fd", "Descriptor", "PayloadFile", "open_descriptors"]
+__all__ = ["TURNS", "sqlite_fd", "Descriptor", "PayloadFile", "PageReader", "Turns", "open_descriptors"]
 
 import os
 import threading
 import weakref
+from collections import deque
 
-from . import forks
+from . import fileio, forks
 from .fileio import O_BINARY
 
 _PROC_FDS = "/proc/self/fd"
 _shared = {}  # (st_dev, st_ino) -> _Entry
 _spare = []  # [(key, descriptor)] opened in a race for an inode the table holds; never handed out
 _shared_lock = threading.Lock()  # protects: _shared, _spare, each entry's owner
+TURNS = True  # False: reads that wait for the disk take no turn (Turns); read when a PayloadFile is made
 
 
 def _new_lock_in_child():
@@ -167,17 +170,21 @@ class PayloadFile:
 
     def __init__(self, io, path):
         self._io, self._path = io, path
-        self._current = None  # (file id, read function); replaced whole
+        # read here, so that a test or benchmark sets them per service
+        self._nowait, self._will_need = fileio.NOWAIT, fileio.WILL_NEED
+        self._current = None  # (file id, PageReader); replaced whole
         self._lock = threading.Lock()  # protects: replacing _current
+        self._turns = Turns() if TURNS else None  # orders the reads that wait for the disk (read_released)
+        self._seek = PageReader(self._seek_read, None, self._seek_read)
 
     def reader(self):
-        """A `read(length, offset)` on the file now at the path. O(1): one stat when unchanged.
+        """A PageReader on the file now at the path. O(1): one stat when unchanged.
 
         Raises FileNotFoundError (or OSError) as the baseline's open() would.
         """
         io = self._io
         if io.pread is None:
-            return self._seek_read
+            return self._seek
         fid = io.file_id(self._path)
         current = self._current
         if current is not None and current[0] == fid:
@@ -186,12 +193,34 @@ class PayloadFile:
             current = self._current
             if current is None or current[0] != fid:
                 owned = _Owned(os.open(self._path, os.O_RDONLY | O_BINARY))
-                current = self._current = (io.file_id_of_fd(owned.fd), _pread_on(io.pread, owned))
+                current = self._current = (io.file_id_of_fd(owned.fd), self._reader_on(owned))
             return current[1]
 
     def new_lock(self):
-        """A new lock object (a child of a fork: the old one may be held by a thread that is not there)."""
+        """New locks and turns, and no reader (a child of a fork: the old ones may be held by a thread
+        that is not there, and the old reader takes its turns from the old Turns)."""
         self._lock = threading.Lock()
+        if self._turns is not None:
+            self._turns = Turns()
+        self._current = None
+
+    def _reader_on(self, owned):
+        io, fd = self._io, owned.fd
+        reads = will_need = None
+        if io.reads is not None:
+            nowait = self._nowait and getattr(io.reads, "nowait", False) and not fileio.nowait_refused(fd)
+            page = io.reads
+
+            def reads(lengths, offsets, _keep=owned):
+                return page(fd, lengths, offsets, nowait)
+            hint = getattr(page, "will_need", None)
+            if nowait and self._will_need and hint is not None:
+                def will_need(lengths, offsets, _keep=owned):
+                    hint(fd, lengths, offsets)
+        released = _pread_on(os.pread, owned)
+        if self._turns is not None:
+            released = self._turns.around(released)
+        return PageReader(_pread_on(io.pread, owned), reads, released, will_need)
 
     def _seek_read(self, length, offset):
         with open(self._path, "rb") as f:
@@ -202,6 +231,87 @@ class PayloadFile:
         """Drop the shared reader; a request still using it keeps its file open until it is done."""
         with self._lock:
             self._current = None
+
+
+class PageReader:
+    """How events.py reads one payload file:
+
+    - `read(length, offset)`: one positioned read (the io's pread: libc keeps the GIL);
+    - `reads(lengths, offsets)`: a page of reads as one lazy C-level iteration, stopping at the
+      first read that would wait for the disk (fileio.py); None where there is no pread;
+    - `read_released(length, offset)`: one os.pread, which releases the GIL while the disk works,
+      taking its turn (Turns): one such read at a time per payload file;
+    - `will_need(lengths, offsets)`: asks the kernel to start reading these spans, or None.
+    """
+
+    __slots__ = ("read", "reads", "read_released", "will_need")
+
+    def __init__(self, read, reads, read_released, will_need=None):
+        self.read, self.reads, self.read_released, self.will_need = read, reads, read_released, will_need
+
+
+class Turns:
+    """A first-come-first-served lock for the reads that wait for the disk.
+
+    Protects no data: it lets one thread at a time wait for the disk with the GIL released. A
+    thread coming back from the disk needs the GIL again, and CPython hands it to one waiting
+    thread at a time in no set order; with every thread that went to the disk waiting for it, the
+    one back first can wait through many others' turns (tens of ms at 8 threads). Queued here, the
+    others sleep on their own lock instead, and the GIL is free again as soon as the threads still
+    running reach their own read that would wait. The page's other reads were started before
+    (will_need), so a request's turn is short. Held only around os.pread; never around a SQLite call.
+    """
+
+    def __init__(self):
+        self._mutex = threading.Lock()  # protects: _held, _waiting
+        self._held = False
+        self._waiting = deque()  # one lock per queued thread, acquired by it; released to hand the turn over
+        self._local = threading.local()  # .queued: this thread waits for or holds a turn
+
+    def around(self, read):
+        """`read` taking its turn: O(1) besides the wait. A nested call on a thread that already
+        waits for or holds a turn (a signal handler) reads without one instead of waiting for itself."""
+        local = self._local
+
+        def turn_read(length, offset):
+            if getattr(local, "queued", False):
+                return read(length, offset)
+            local.queued = True
+            try:
+                self._acquire()
+                try:
+                    return read(length, offset)
+                finally:
+                    self._release()
+            finally:
+                local.queued = False
+        return turn_read
+
+    def _acquire(self):
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            mine = threading.Lock()
+            mine.acquire()
+            self._waiting.append(mine)
+        try:
+            mine.acquire()  # released by the holder handing its turn over: the turn is ours
+        except BaseException:  # interrupted while queued (KeyboardInterrupt): leave no dead turn behind
+            with self._mutex:
+                if mine in self._waiting:
+                    self._waiting.remove(mine)
+                    mine = None
+            if mine is not None:  # handed over meanwhile: pass it on
+                self._release()
+            raise
+
+    def _release(self):
+        with self._mutex:
+            if self._waiting:
+                self._waiting.popleft().release()
+            else:
+                self._held = False
 
 
 class _Owned:

@@ -175,10 +175,11 @@ class EnhancedAuditLogService:
             rows = self._db.query(PAGE_SQL, (from_ts, to_ts, actor_id, actor_id, action, action, page_size,
                                              (page - 1) * page_size))
             found = self._from_rows(rows)
-        else:
-            items, _ = select(view, from_ts, to_ts, actor_id, action, (page - 1) * page_size, page_size)
-            found = events.from_view(view, items, self._payload.reader(), self._payload_path) if len(items) else []
-        return {"query": echo, "events": found, "count": len(found)}
+            return {"query": echo, "events": found, "count": len(found)}
+        items, _ = select(view, from_ts, to_ts, actor_id, action, (page - 1) * page_size, page_size)
+        count = len(items)  # taken before: no call may follow the page's one pass (events.py)
+        found = events.from_view(view, items, self._payload.reader(), self._payload_path) if count else []
+        return {"query": echo, "events": found, "count": count}
 
     def list_after(self, from_ts, to_ts, actor_id=None, action=None, page_size=20, cursor=None):
         """Keyset pagination: the next `page_size` matches strictly after `cursor`, in

@@ -2,12 +2,13 @@
 
 __all__ = ["DATASET_SHA256", "DATASET_BYTES", "ROOT", "SCALE", "fixed_query", "baseline_paths", "baseline_answer", "Oracle",
            "sha256_file", "DataCopy", "append_event", "append_events", "outcome", "ServiceTestCase", "timed",
-           "switching_often", "COPY_ROWS", "fingerprint"]
+           "switching_often", "COPY_ROWS", "fingerprint", "pages_picker"]
 
 import contextlib
 import hashlib
 import json
 import os
+import random
 import shutil
 import sqlite3
 import sys
@@ -293,6 +294,23 @@ def replace_db_with_fewer_rows(db_path):
 def append_event(db_path, payload_path, created_at, actor_id, action):
     """One new event, committed on its own. Returns its id."""
     return append_events(db_path, payload_path, [(created_at, actor_id, action)])[0]
+
+
+def pages_picker(seed=7, filters="none", db_path=None):
+    """A _pick_query stand-in for pages readers open, pages that hold events: window = the data's whole
+    range (oldest to newest created_at), pages 1..100, page size drawn from 10/20/50 as _pick_query
+    draws it; no actor or action filter, or (`filters="drawn"`) filters drawn as _pick_query draws them."""
+    with contextlib.closing(sqlite3.connect(db_path or baseline.DB_PATH)) as conn:
+        lo, hi = conn.execute("SELECT min(created_at), max(created_at) FROM audit_events").fetchone()
+    rng = random.Random(seed)
+
+    def pick():
+        actor_id = action = None
+        if filters == "drawn":
+            actor_id = rng.choice([None, rng.randint(1, 2000)])
+            action = rng.choice([None, "UPDATE", "CREATE", "DELETE"])
+        return baseline.Query(lo, hi, actor_id, action, rng.randint(1, 100), rng.choice([10, 20, 50]))
+    return pick
 
 
 class ServiceTestCase(unittest.TestCase):

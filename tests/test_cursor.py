@@ -8,6 +8,7 @@ import unittest
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
+from enhanced_audit.files import PageReader
 from tests.support import COPY_ROWS, ROOT, SCALE, DataCopy, Oracle, ServiceTestCase, append_events, fixed_query
 
 Query = baseline.Query
@@ -42,7 +43,8 @@ class WalkEqualsPages(ServiceTestCase):
         # the equivalence step of run_tests checks every payload against the oracle.
         cls.selection_only = enhanced.EnhancedAuditLogService()
         cls.selection_only.init()
-        cls.selection_only._payload.reader = lambda: (lambda length, offset: b"0")
+        stub = lambda length, offset: b"0"  # noqa: E731
+        cls.selection_only._payload.reader = lambda: PageReader(stub, None, stub)
         probe = cls.selection_only.execute(Query(0, 2 ** 40, None, None, 1, 10))["events"]
         if [e["payload"] for e in probe] != [0] * 10:
             raise AssertionError("the stub payload reader is not used: the whole range would read real payloads")

@@ -99,6 +99,19 @@ def quiet():
         logger.removeHandler(handler)
 
 
+class HeldTurn:
+    """A payload read's turn (files.Turns) as a context manager, held as a thread waiting for the disk holds it."""
+
+    def __init__(self, turns):
+        self._turns = turns
+
+    def __enter__(self):
+        self._turns._acquire()
+
+    def __exit__(self, *exc):
+        self._turns._release()
+
+
 class Forked:
     """fn(child) in a forked child. Parent and child exchange JSON values, one line each, over two
     pipes; the child's return value (or its traceback) is the last. Every wait has a deadline: a
@@ -366,9 +379,15 @@ class ForkMidWork(unittest.TestCase):
         answering from an index."""
         with DataCopy(rows=300) as data, quiet():
             with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
-                service._rebuilder.build_seconds = 1.0  # a build waits for writes to pause 1 s: the fork lands then
+                service.init()
                 append_events(data.db, data.payloads, [(10 ** 10, 1, "UPDATE")])
-                service.execute(ALL)  # stale without a change log: SQLite answers, a background build starts
+                # a build thread running at the fork, outside its unit of SQLite work (the fork waits
+                # for those): a thread of the master, so the child inherits it as a thread that is gone
+                done = threading.Event()
+                building = threading.Thread(target=done.wait, args=(30,))
+                building.start()
+                with service._lock:
+                    service._rebuilder.thread = building
                 self.assertTrue(service.stats()["rebuilding"])
 
                 def worker(child):
@@ -384,7 +403,13 @@ class ForkMidWork(unittest.TestCase):
                         time.sleep(0.05)
                     return {"stats": service.stats()}
 
-                got = Forked(worker, timeout=40).result()
+                try:
+                    got = Forked(worker, timeout=40).result()
+                finally:
+                    with service._lock:
+                        service._rebuilder.thread = None
+                    done.set()
+                    building.join()
                 self.assertIn("mismatches", got, f"the child never answered from an index again: {got}")
                 self.assertEqual(got["mismatches"], [])
                 self.assertEqual(got["first"], got["new"], "the child's own write is not in its index")
@@ -422,16 +447,20 @@ class ForkMidWork(unittest.TestCase):
 
     def test_fork_while_threads_hold_the_locks(self):
         """Whatever locks of the service other threads of the master hold at the fork (here the
-        descriptor table's, the payload reader's and the C API loader's, held across it, and the
-        service's, taken again and again), the child's close(), init() and requests never wait for a
-        thread that does not exist in the child."""
+        descriptor table's, the payload reader's, the C API loader's and a payload read's turn, held
+        across it, and the service's, taken again and again), the child's close(), init(), requests
+        and reads that wait for the disk never wait for a thread that does not exist in the child."""
         from enhanced_audit import capi
         with DataCopy(rows=300) as data:
             set_journal(data.db, "WAL")
             changelog.install(data.db)
             service = enhanced.EnhancedAuditLogService(data.db, data.payloads)
             service.init()
-            stop, holding = threading.Event(), threading.Barrier(5)
+            turns = service._payload._turns
+            locks = [files._shared_lock, service._payload._lock, capi._lib_lock]
+            if turns is not None:
+                locks.append(HeldTurn(turns))
+            stop, holding = threading.Event(), threading.Barrier(len(locks) + 2)
 
             def hold(lock, again):
                 while True:
@@ -445,17 +474,18 @@ class ForkMidWork(unittest.TestCase):
 
             holders = [threading.Thread(target=hold, args=(service._lock, True))] + [
                 threading.Thread(target=hold, args=(lock, False))
-                for lock in (files._shared_lock, service._payload._lock, capi._lib_lock)]
+                for lock in locks]
             for holder in holders:
                 holder.start()
             holding.wait(10)
             holding = None
 
             def worker(child):
+                waited = service._payload.reader().read_released(1, 0)  # a read that waited for the disk
                 service.close()
                 service.init()
                 append_events(data.db, data.payloads, [(10 ** 10, 1, "UPDATE")])
-                found = mismatches(data, service)
+                found = mismatches(data, service) + ([] if waited == b"{" else [waited.decode()])
                 service.close()
                 return found
 

@@ -1,22 +1,33 @@
 """Each mechanism below the sqlite3 and os modules, made unavailable: the answers stay exact.
 
-- fileio.py: libc pread/stat through ctypes (fallback: the os module);
+- fileio.py: libc pread/preadv2/stat through ctypes (fallback: the os module);
+- fileio.py: page reads told apart when they would wait for the disk, RWF_NOWAIT (fallback: pread
+  with the GIL kept), and the read-ahead hint after one (fallback: none);
+- events.py: a page built in one C-level pass (fallback: the event-by-event loop);
 - probe.py: the change counter and wal-index header read from SQLite's files (fallback: PRAGMA
   data_version on the kept connection);
 - capi.py: the catch-up statement through SQLite's C API (fallback: the sqlite3 module).
 """
 
+import codecs
+import dis
 import os
 import random
 import sqlite3
+import sys
 import tempfile
+import threading
+import time
 import unittest
+from contextlib import closing
+from itertools import islice
 from unittest import mock
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
-from enhanced_audit import capi, changelog, db as dbmod, fileio, probe
-from tests.support import DataCopy, append_events, baseline_answer
+from enhanced_audit import capi, changelog, db as dbmod, events, fileio, files, probe
+from enhanced_audit import service as service_module
+from tests.support import DataCopy, Oracle, append_events, baseline_answer
 from tests.test_guest import set_journal
 
 Query = baseline.Query
@@ -88,10 +99,45 @@ class Fallbacks(unittest.TestCase):
         for io in ("os", "seek"):  # no ctypes at all
             self.assertFalse(self.exact_under_writes("WAL", f"io={io}", logged=True, io=io)["capi"])
 
+    def test_without_the_one_pass(self):
+        with mock.patch.object(events, "ONE_PASS", False), \
+                mock.patch.object(events, "_one_pass", side_effect=AssertionError("the one pass ran")):
+            for mode in ("DELETE", "WAL"):
+                self.exact_under_writes(mode, "one pass off")
+
+    def test_without_nowait_reads(self):
+        for patch in (mock.patch.object(fileio, "NOWAIT", False),
+                      mock.patch.object(fileio, "nowait_refused", return_value=True)):  # EOPNOTSUPP, say
+            with patch:
+                for mode in ("DELETE", "WAL"):
+                    self.exact_under_writes(mode, f"nowait off ({patch.attribute})")
+
     def test_without_pread(self):
         for mode in ("DELETE", "WAL"):
             stats = self.exact_under_writes(mode, "io=seek", io="seek")
             self.assertEqual(stats["io"], "seek")
+
+    def test_stat_through_xstat_as_on_glibc_before_2_33(self):
+        import ctypes
+        real = ctypes.PyDLL(None)
+        if not hasattr(real, "__xstat") or not hasattr(real, "stat"):
+            self.skipTest("this libc does not export both stat and __xstat")
+
+        class OldGlibc:  # exports no stat, as glibc before 2.33
+            def __getattr__(self, name):
+                if name == "stat":
+                    raise AttributeError(name)
+                return getattr(real, name)
+        with mock.patch.object(ctypes, "PyDLL", lambda name: OldGlibc()):
+            old = fileio.choose_io("libc")
+        new = fileio.choose_io("libc")
+        for path in (baseline.DB_PATH, baseline.PAYLOAD_FILE, "."):
+            self.assertEqual(old.file_id(path), new.file_id(path), path)
+        with self.assertRaises(FileNotFoundError):
+            old.file_id("no-such-file")
+        with mock.patch.object(ctypes, "PyDLL", lambda name: OldGlibc()):
+            with enhanced.EnhancedAuditLogService(io="auto") as service:
+                self.assertEqual(service.stats()["io"], "libc")
 
     def test_libc_file_ids_of_descriptors_match_paths(self):
         try:
@@ -103,6 +149,286 @@ class Fallbacks(unittest.TestCase):
             self.assertEqual(libc.file_id_of_fd(fd), libc.file_id(baseline.DB_PATH))
         finally:
             os.close(fd)
+
+
+def io_counters():
+    """(bytes, read calls) this process has read so far (Linux /proc/self/io: rchar, syscr)."""
+    with open("/proc/self/io") as f:
+        fields = dict(line.split(":") for line in f if ":" in line)
+    return int(fields["rchar"]), int(fields["syscr"])
+
+
+def evict(path):
+    """Drop `path` from the page cache (written back first: dirty pages are not dropped)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def page_queries(oracle):
+    newest, oldest = oracle.rows[0][1], oracle.rows[-1][1]
+    return [Query(oldest, newest, None, None, page, size) for page, size in ((1, 50), (3, 50), (2, 20), (9, 10))]
+
+
+class WouldBlock(unittest.TestCase):
+    """Pages whose payloads are not in the page cache: exact answers, each event read once for real
+    (after at most one attempt that would have waited), exactly its payload_len bytes."""
+
+    def setUp(self):
+        self.data = DataCopy(rows=2000)
+        self.oracle = Oracle(self.data.db, self.data.payloads)
+
+    def tearDown(self):
+        self.data.__exit__()
+
+    def cold_pages(self, service, expect_released):
+        """Each page answered with the payload file evicted first; the read counters of each request."""
+        reader = service._payload.reader()
+        released = []
+        real = reader.read_released
+
+        def counting(length, offset):
+            released.append((length, offset))
+            return real(length, offset)
+        reader.read_released = counting
+        empty = Query(0, 1, None, None, 1, 10)  # no event: what the freshness probe alone reads
+        start = io_counters()
+        self.assertEqual(service.execute(empty)["count"], 0)
+        probe_bytes, probe_calls = (b - a for a, b in zip(start, io_counters()))
+        length_of = {r[0]: r[7] for r in self.oracle.rows}
+        for q in page_queries(self.oracle):
+            want = self.oracle.answer(q)
+            spans = {(r[7], r[6]) for r in self.oracle.matching(q.from_ts, q.to_ts)}
+            released.clear()
+            evict(self.data.payloads)
+            start = io_counters()
+            got = service.execute(q)
+            read_bytes, read_calls = (b - a for a, b in zip(start, io_counters()))
+            self.assertEqual(got, want, q)
+            k, payload_bytes = got["count"], sum(length_of[e["id"]] for e in got["events"])
+            # an attempt that would have waited reads nothing, or part of its event when part is cached
+            self.assertGreaterEqual(read_bytes - probe_bytes, payload_bytes, q)
+            self.assertLessEqual(read_bytes - probe_bytes, payload_bytes + sum(n for n, _ in released), q)
+            self.assertTrue(all(span in spans for span in released),
+                            "each real read: payload_len bytes at payload_offset")
+            self.assertEqual(len(set(released)), len(released), "no event read twice for real")
+            self.assertEqual(read_calls - probe_calls, k + len(released),
+                             f"{q}: one read an event, one more for each that would have waited")
+            if expect_released:
+                self.assertGreater(len(released), 0, f"{q}: the evicted page took the GIL-releasing route")
+            else:
+                self.assertEqual(released, [], q)
+
+    @unittest.skipUnless(os.path.exists("/proc/self/io") and hasattr(os, "posix_fadvise"), "needs Linux")
+    def test_evicted_pages(self):
+        with enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads) as service:
+            reader = service._payload.reader()
+            if reader.reads is None or not service._io.reads.nowait:
+                self.skipTest("no preadv2 here")
+            fd = os.open(self.data.payloads, os.O_RDONLY)
+            refused = fileio.nowait_refused(fd)
+            os.close(fd)
+            if refused:
+                self.skipTest("this file system refuses RWF_NOWAIT")
+            self.cold_pages(service, expect_released=True)
+        with mock.patch.object(fileio, "WILL_NEED", False):
+            with enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads) as service:
+                self.assertIsNone(service._payload.reader().will_need)
+                self.cold_pages(service, expect_released=True)
+        with mock.patch.object(files, "TURNS", False):
+            with enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads) as service:
+                self.assertIsNone(service._payload._turns)
+                self.cold_pages(service, expect_released=True)
+
+    @unittest.skipUnless(os.path.exists("/proc/self/io") and hasattr(os, "posix_fadvise"), "needs Linux")
+    def test_evicted_pages_without_nowait(self):
+        for patch in (mock.patch.object(fileio, "NOWAIT", False),
+                      mock.patch.object(fileio, "nowait_refused", return_value=True)):
+            with patch, enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads) as service:
+                self.cold_pages(service, expect_released=False)
+
+    def test_a_pass_cut_short_anywhere(self):
+        """Page reads that stop after n events (as at a read that would block), for every n: the rest
+        read through read_released, each event once, the answer exact."""
+        for io in ("auto", "os"):
+            with enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads, io=io) as service:
+                reader = service._payload.reader()
+                real_reads, real_released = reader.reads, reader.read_released
+                counts = [0, 0]
+
+                def released(length, offset):
+                    counts[1] += 1
+                    return real_released(length, offset)
+                reader.read_released = released
+                for q in page_queries(self.oracle)[:2]:
+                    want = self.oracle.answer(q)
+                    for n in range(0, 51, 7):
+                        def reads(lengths, offsets, n=n):
+                            counts[0] += min(n, len(lengths))
+                            return islice(real_reads(lengths, offsets), n)
+                        reader.reads = reads
+                        counts[:] = [0, 0]
+                        self.assertEqual(service.execute(q), want, (io, q, n))
+                        self.assertEqual(sum(counts), want["count"], (io, q, n))
+                        self.assertEqual(counts[1] > 0, n < want["count"], (io, q, n))
+
+
+class Turns(unittest.TestCase):
+    """files.Turns: reads that wait for the disk, one at a time, first come first served."""
+
+    def test_first_come_first_served(self):
+        turns = files.Turns()
+        order, started = [], []
+        gate = threading.Event()
+
+        def read(length, offset):
+            order.append(offset)
+            if offset == 0:
+                gate.wait(10)  # the first holds its turn until all others queue
+            return b""
+        turned = turns.around(read)
+        threads = [threading.Thread(target=turned, args=(1, n)) for n in range(6)]
+        threads[0].start()
+        while not order:
+            time.sleep(0.001)
+        for t in threads[1:]:
+            t.start()
+            while len(turns._waiting) < threads.index(t):  # queued in the order started
+                time.sleep(0.001)
+        gate.set()
+        for t in threads:
+            t.join(10)
+        self.assertEqual(order, list(range(6)))
+        self.assertFalse(turns._held)
+
+    def test_a_nested_read_takes_no_turn(self):
+        turns = files.Turns()
+        inner = turns.around(lambda length, offset: b"inner")
+        outer = turns.around(lambda length, offset: inner(1, 0) + b" in outer")  # would wait for itself
+        got = []
+        thread = threading.Thread(target=lambda: got.append(outer(1, 0)), daemon=True)
+        thread.start()
+        thread.join(10)
+        self.assertEqual(got, [b"inner in outer"])
+        self.assertFalse(turns._held)
+
+    def test_an_interrupted_wait_leaves_no_turn_behind(self):
+        turns = files.Turns()
+        turns._acquire()  # held elsewhere
+
+        class Interrupted:
+            def __init__(self):
+                self.calls = 0
+
+            def acquire(self):
+                self.calls += 1
+                if self.calls == 2:  # the blocking wait for the turn
+                    raise KeyboardInterrupt
+
+        fake = mock.Mock(Lock=Interrupted)
+        with mock.patch.object(files, "threading", fake), self.assertRaises(KeyboardInterrupt):
+            turns._acquire()
+        self.assertEqual(len(turns._waiting), 0)
+        turns._release()
+        self.assertFalse(turns._held)
+        turns._acquire()  # free again at once
+        turns._release()
+
+
+class OnePass(unittest.TestCase):
+    """Payload bytes the one pass must leave to the event-by-event loop give the baseline's answers."""
+
+    ODD = [b'{"a": 1}', b' {"a": 1}\n', b'{"a": 1} \n', b'{"a": 1}\r\n', b'{"a": 1}x\n', b'[1, 2]\n', b'1\n',
+           b'"\xc3\xa9"\n', '{"\u00e9": "\u2028"}\n'.encode(), b'{"a": "\\ud800"}\n', b'\xff{}\n', b'',
+           b'\n', b'{"a": 1}\n\n', codecs.BOM_UTF8 + b'{"a": 1}\n', '{"a": 1}\n'.encode("utf-16"),
+           '{"a": 1}'.encode("utf-16-le"), b'{"a": 1\n', b'{"a": NaN}\n', b'{"a": 1}\x00\n', b'{\n"a": 1}\n']
+
+    def test_odd_payloads_match_the_baseline(self):
+        with DataCopy(rows=300) as data:
+            top = 10 ** 10
+            rows = []
+            with open(data.payloads, "ab") as f:
+                offset = f.seek(0, os.SEEK_END)
+                for i, raw in enumerate(self.ODD):
+                    f.write(raw)
+                    rows.append((top - i, 7, "UPDATE", "ORDER", f"ORDER-{i}", offset, len(raw)))
+                    offset += len(raw)
+            with closing(sqlite3.connect(data.db)) as conn, conn:
+                conn.executemany("INSERT INTO audit_events (created_at, actor_id, action, resource_type, resource_id, "
+                                 "payload_offset, payload_len) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            queries = [Query(top - i, top - i, None, None, 1, 10) for i in range(len(self.ODD))]
+            queries += [Query(0, top - i, None, None, 1, 50) for i in range(len(self.ODD))]  # after normal ones
+            queries += [Query(0, 2 ** 40, None, None, 2, 20)]
+            for one_pass in (True, False):
+                with mock.patch.object(events, "ONE_PASS", one_pass), \
+                        enhanced.EnhancedAuditLogService(data.db, data.payloads) as service, data.baseline():
+                    for q in queries:
+                        want = baseline_answer(q)
+                        got = ("ok", service.execute(q)) if want[0] == "ok" else None
+                        if want[0] == "raise":
+                            with self.assertRaises(want[1], msg=(one_pass, q)):
+                                service.execute(q)
+                        else:
+                            self.assertEqual(got, want, (one_pass, q))
+
+    def test_nothing_is_called_after_a_page_is_built(self):
+        """After the list display that builds the page, no call (a point where the interpreter may
+        switch threads) runs before execute() returns: the instructions executed are traced."""
+        watched = {f.__code__ for f in (service_module.EnhancedAuditLogService.execute, events.from_view,
+                                        events._page, events._one_pass)}
+        names = {code: {i.offset: i.opname for i in dis.get_instructions(code)} for code in watched}
+        executed = []
+        with enhanced.EnhancedAuditLogService() as service:
+            q = Query(0, 2 ** 40, None, None, 3, 20)
+            service.execute(q)
+            got = _traced(watched, lambda code, offset: executed.append((code.co_name, names[code].get(offset))),
+                          lambda: service.execute(q))
+        self.assertEqual(got["count"], 20)
+        built = [i for i, (name, op) in enumerate(executed) if name == "_one_pass" and op == "LIST_EXTEND"]
+        self.assertTrue(built, executed)
+        after = [op for _, op in executed[built[-1] + 1:]]  # after the last: the page's events
+        self.assertIn("RETURN_VALUE", after)
+        switch_points = [op for op in after if op.startswith(("CALL", "PRECALL")) or op in ("JUMP_BACKWARD",
+                                                                                             "JUMP_ABSOLUTE")]
+        self.assertEqual(switch_points, [], after)
+
+
+def _traced(codes, on_instruction, run):
+    """run(), calling on_instruction(code, offset) before each instruction of `codes` it executes:
+    through sys.monitoring (Python 3.12+), else sys.settrace with opcode events."""
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is not None:
+        tool = next(t for t in range(6) if monitoring.get_tool(t) is None)
+        monitoring.use_tool_id(tool, "tests.test_mechanisms")
+        try:
+            monitoring.register_callback(tool, monitoring.events.INSTRUCTION, on_instruction)
+            for code in codes:
+                monitoring.set_local_events(tool, code, monitoring.events.INSTRUCTION)
+            return run()
+        finally:
+            for code in codes:
+                monitoring.set_local_events(tool, code, 0)
+            monitoring.register_callback(tool, monitoring.events.INSTRUCTION, None)
+            monitoring.free_tool_id(tool)
+
+    def local(frame, event, arg):
+        if event == "opcode":
+            on_instruction(frame.f_code, frame.f_lasti)
+        return local
+
+    def tracer(frame, event, arg):
+        if frame.f_code in codes:
+            frame.f_trace_opcodes = True
+            return local
+        return None
+    sys.settrace(tracer)
+    try:
+        return run()
+    finally:
+        sys.settrace(None)
 
 
 @unittest.skipUnless(capi.available(), "the SQLite C API is not available through ctypes here")
