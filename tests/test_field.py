@@ -99,6 +99,14 @@ def quiet():
         logger.removeHandler(handler)
 
 
+
+def _line(proc, timeout=30):
+    """The next JSON line a process prints, or "no answer" after `timeout` seconds."""
+    if not select.select([proc.stdout], [], [], timeout)[0]:
+        return "no answer"
+    line = proc.stdout.readline()
+    return json.loads(line) if line else "no answer"
+
 class HeldTurn:
     """A payload read's turn (files.Turns) as a context manager, held as a thread waiting for the disk holds it."""
 
@@ -240,6 +248,26 @@ class ForkedWorkers(unittest.TestCase):
     def test_rollback_journal(self):
         for logged in (True, False):
             self._master_closes("DELETE", logged)
+
+    def test_a_worker_whose_master_exited(self):
+        """The master process exits after forking (WAL: its exit, as the last connection, deletes -wal
+        and -shm); another process then commits, three times: the orphaned worker serves every commit."""
+        with DataCopy(rows=300) as data, quiet():
+            set_journal(data.db, "WAL")
+            cmd = [sys.executable, "-m", "tests.test_field", "orphan", data.db, data.payloads, "0"]
+            with subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+                try:
+                    self.assertEqual(proc.wait(timeout=30), 0, "the master's exit")
+                    self.assertEqual(_line(proc), "ready")
+                    for n in range(3):
+                        commit_elsewhere(data, 10 ** 10 + n)
+                        proc.stdin.write("look\n")
+                        proc.stdin.flush()
+                        self.assertEqual(_line(proc), [], f"after commit {n + 1}")
+                finally:
+                    with contextlib.suppress(OSError):
+                        proc.stdin.write("done\n")
+                        proc.stdin.close()
 
     @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "needs /proc/self/fd")
     def test_no_connection_of_the_service_crosses_a_fork(self):
@@ -789,8 +817,39 @@ def _scenario_exit(db, payloads, seed):
         pass  # exit while a catch-up is under way, not between two of them
 
 
+def _scenario_orphan(db, payloads, logged):
+    """The preload pattern with a master that exits: init() and a request here, then fork a worker and
+    return (the interpreter exits normally). The worker waits for the master to be gone, then answers
+    a line on stdin: "look" (after another process committed) with the JSON list of its mismatches,
+    "done" with nothing, and exits."""
+    service = enhanced.EnhancedAuditLogService(db, payloads)
+    service.init()
+    service.execute(QUERIES[0])
+    master = os.getpid()
+    if os.fork() != 0:
+        return  # the master exits with its service open, as a server's master process does
+    try:
+        deadline = time.monotonic() + 10
+        while os.getppid() == master and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(json.dumps("ready" if os.getppid() != master else "master still alive"), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "look":
+                break
+            found = []
+            for q in QUERIES:
+                got = service.execute(q)
+                with baseline_paths(db, payloads):
+                    kind, want = baseline_answer(q)
+                if kind != "ok" or got != want:
+                    found.append(repr(q))
+            print(json.dumps(found), flush=True)
+    finally:
+        os._exit(0)  # the worker's own exit: nothing of the master's interpreter runs twice
+
+
 if __name__ == "__main__":
-    _SCENARIOS = {"ctrl-c": _scenario_ctrl_c, "exit": _scenario_exit}
+    _SCENARIOS = {"ctrl-c": _scenario_ctrl_c, "exit": _scenario_exit, "orphan": _scenario_orphan}
     if len(sys.argv) > 1 and sys.argv[1] in _SCENARIOS:
         logging.getLogger(LOGGER).addHandler(logging.NullHandler())
         logging.getLogger(LOGGER).propagate = False
