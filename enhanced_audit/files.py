@@ -265,7 +265,7 @@ class Turns:
     def __init__(self):
         self._mutex = threading.Lock()  # protects: _held, _waiting
         self._held = False
-        self._waiting = deque()  # one lock per queued thread, acquired by it; released to hand the turn over
+        self._waiting = deque()  # a _Ticket per queued thread, first come first
         self._local = threading.local()  # .queued: this thread waits for or holds a turn
 
     def around(self, read):
@@ -288,30 +288,49 @@ class Turns:
         return turn_read
 
     def _acquire(self):
-        with self._mutex:
-            if not self._held:
-                self._held = True
-                return
-            mine = threading.Lock()
-            mine.acquire()
-            self._waiting.append(mine)
+        """Take the turn, queued first come first served. An exception anywhere in here (an
+        asynchronous KeyboardInterrupt included, after any instruction) leaves the turn as it was:
+        not taken, or passed on to the next in the queue."""
+        owned, mine = False, None
         try:
-            mine.acquire()  # released by the holder handing its turn over: the turn is ours
-        except BaseException:  # interrupted while queued (KeyboardInterrupt): leave no dead turn behind
             with self._mutex:
-                if mine in self._waiting:
-                    self._waiting.remove(mine)
-                    mine = None
-            if mine is not None:  # handed over meanwhile: pass it on
+                if not self._held:
+                    self._held = owned = True  # one statement: no switch point between the two stores
+                    return
+                mine = _Ticket()
+                self._waiting.append(mine)
+            mine.lock.acquire()  # released by the holder handing its turn over: the turn is ours
+        except BaseException:
+            if not owned and mine is not None:
+                with self._mutex:
+                    if mine in self._waiting:  # still queued: leave no dead ticket behind
+                        self._waiting.remove(mine)
+                    else:
+                        owned = mine.handed  # handed over meanwhile: ours to pass on
+            if owned:
                 self._release()
             raise
 
     def _release(self):
         with self._mutex:
             if self._waiting:
-                self._waiting.popleft().release()
+                ticket = self._waiting.popleft()
+                ticket.handed = True
+                ticket.lock.release()
             else:
                 self._held = False
+
+
+class _Ticket:
+    """A queued thread's place in Turns: `lock` is acquired at creation and released by the holder
+    handing the turn over, which sets `handed` first (both under Turns._mutex)."""
+
+    __slots__ = ("lock", "handed")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.handed = False
 
 
 class _Owned:

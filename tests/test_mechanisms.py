@@ -10,6 +10,7 @@
 """
 
 import codecs
+import collections
 import dis
 import os
 import random
@@ -336,6 +337,65 @@ class Turns(unittest.TestCase):
         self.assertFalse(turns._held)
         turns._acquire()  # free again at once
         turns._release()
+
+
+    def test_an_interrupt_at_the_queue_leaves_no_turn_behind(self):
+        """A KeyboardInterrupt just after the ticket is queued, or just before: the holder's turn
+        stays the holder's, and no dead ticket is left for it to hand over to."""
+        for after in (True, False):
+            turns = files.Turns()
+            turns._acquire()  # held elsewhere
+
+            class Queue(collections.deque):
+                def append(self, item):
+                    if after:
+                        super().append(item)
+                    raise KeyboardInterrupt
+            turns._waiting = Queue()
+            with self.assertRaises(KeyboardInterrupt):
+                turns._acquire()
+            self.assertEqual(len(turns._waiting), 0, f"queued: {after}")
+            self.assertTrue(turns._held, "the holder's turn")
+            turns._release()
+            self.assertFalse(turns._held)
+            turns._acquire()  # free again at once
+            turns._release()
+
+    def test_an_interrupt_once_the_turn_is_handed_over_passes_it_on(self):
+        turns = files.Turns()
+        turns._acquire()  # held here until the other thread queues
+
+        class Ticket(files._Ticket):
+            __slots__ = ()
+
+            def __init__(self):
+                super().__init__()
+                real = self.lock
+
+                class Lock:
+                    def acquire(self):
+                        real.acquire()  # the turn, handed over
+                        raise KeyboardInterrupt
+
+                    def release(self):
+                        real.release()
+                self.lock = Lock()
+        raised = []
+
+        def other():
+            try:
+                turns._acquire()
+            except KeyboardInterrupt:
+                raised.append(True)
+        with mock.patch.object(files, "_Ticket", Ticket):
+            thread = threading.Thread(target=other, daemon=True)
+            thread.start()
+            while not turns._waiting:
+                time.sleep(0.001)
+            turns._release()  # hands the turn to the other thread, which is interrupted holding it
+            thread.join(10)
+        self.assertEqual(raised, [True])
+        self.assertFalse(turns._held, "passed on: nobody waits")
 
 
 class OnePass(unittest.TestCase):
