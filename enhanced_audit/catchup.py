@@ -4,8 +4,9 @@ A catch-up runs under the service's lock for one try at a time. A writer's lock 
 raise "database is locked"; db.retry_busy then sleeps with no lock held and tries again, so K
 requests behind one writer each wait about as long as that writer holds its lock (at most the
 baseline's 5 s busy timeout), never K times as long. The lock is held for one such try or one
-publication, never across a build or a sleep, so a plain `with` waits for it: exception-safe, a KeyboardInterrupt cannot leave it held (on CPython 3.9
-and 3.14 the with statement itself has a gap: README, known limits).
+publication, never across a build or a sleep, so a plain `with` waits for it: exception-safe, a
+KeyboardInterrupt cannot leave it held (on CPython 3.9, 3.10 and 3.14 the with statement itself has a
+gap: README, known limits).
 
 A view marked Unverified (its kept connection was closed: a fork) is re-verified first (recheck).
 """

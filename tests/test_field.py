@@ -564,10 +564,11 @@ class ForkMidWork(unittest.TestCase):
 
 
 @unittest.skipUnless(hasattr(signal, "pthread_kill"), "needs signal.pthread_kill")
-@unittest.skipIf(sys.version_info < (3, 10) or sys.version_info[:2] == (3, 14),
+@unittest.skipIf(sys.version_info < (3, 11) or sys.version_info[:2] == (3, 14),
                  "this CPython may raise KeyboardInterrupt between a lock's __enter__ and its with-block (3.14: "
-                 "gh-148874, fixed in 3.15) or between the block's end and __exit__ (3.9: bpo-29988), so no with-held "
-                 "lock is safe from Ctrl-C there; README, known limits")
+                 "gh-148874, fixed in 3.15), between the block's end and __exit__ (3.9: bpo-29988), or, for a second "
+                 "interrupt, while the first unwinds the block before __exit__ (3.10), so no with-held lock is safe "
+                 "from this storm there; README, known limits")
 class CtrlC(unittest.TestCase):
     def test_interrupts_anywhere_leave_the_service_working(self):
         """SIGINT sent to the main thread again and again while it serves requests beside a writer
