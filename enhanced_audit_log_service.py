@@ -22,7 +22,7 @@
 """
 
 __all__ = ["EnhancedAuditLogService", "Query", "ServiceClosed", "DB_PATH", "PAYLOAD_FILE", "SEED_ROWS", "MAX_PAGE",
-           "NOTE_MIN_CHARS", "NOTE_MAX_CHARS", "init", "execute", "handle_request", "close",
+           "NOTE_MIN_CHARS", "NOTE_MAX_CHARS", "init", "execute", "execute_json", "handle_request", "close",
            "install_change_log", "uninstall_change_log"]
 
 import os
@@ -93,6 +93,14 @@ def execute(query):
     if service is None:
         service = _first_use()
     return service.execute(query)
+
+
+def execute_json(query):
+    """The JSON body of execute(query) on the default service: json.dumps(execute(query)).encode()."""
+    service = _default
+    if service is None:
+        service = _first_use()
+    return service.execute_json(query)
 
 
 def handle_request():

@@ -14,6 +14,7 @@ One request (execute):
 
 __all__ = ["EnhancedAuditLogService", "ServiceClosed"]
 
+import json
 import os
 import secrets
 import threading
@@ -208,6 +209,14 @@ class EnhancedAuditLogService:
             last = found[-1]
             next_cursor = cursors.encode(self._cursor_key, last["created_at"], last["id"], filters)
         return {"events": found, "count": len(found), "next_cursor": next_cursor}
+
+    def execute_json(self, query):
+        """The JSON body of execute(query): exactly json.dumps(self.execute(query)).encode()."""
+        return json.dumps(self.execute(query)).encode()
+
+    def list_after_json(self, from_ts, to_ts, actor_id=None, action=None, page_size=20, cursor=None):
+        """The JSON body of list_after(...): exactly json.dumps(self.list_after(...)).encode()."""
+        return json.dumps(self.list_after(from_ts, to_ts, actor_id, action, page_size, cursor)).encode()
 
     def _from_rows(self, rows):
         self._stats["fallback_answers"] += 1  # a statistic: a lost increment under a race is harmless
