@@ -186,22 +186,23 @@ class ReadOnce(ServiceTestCase):
     def test_each_event_is_read_once(self):
         """Through os.pread (io="os") and through open/seek/read (io="seek"): one read per event."""
         q = Query(0, 2 ** 40, None, None, 3, 50)
-        for io in ("os", "seek"):
-            with enhanced.EnhancedAuditLogService(io=io) as service:
-                reads = []
+        reads = []
+        payload_inode = os.stat(baseline.PAYLOAD_FILE).st_ino
 
-                def counted(fd, n, off, _real=os.pread):
-                    reads.append(off)
-                    return _real(fd, n, off)
+        def counted(fd, n, off, _real=os.pread):
+            if os.fstat(fd).st_ino == payload_inode:  # not the database's change counter
+                reads.append(off)
+            return _real(fd, n, off)
+        for io in ("os", "seek"):
+            with mock.patch.object(os, "pread", counted), enhanced.EnhancedAuditLogService(io=io) as service:
 
                 def seek_read(n, off, _real=service._payload._seek_read):
                     reads.append(off)
                     return _real(n, off)
                 service._payload._seek = PageReader(seek_read, None, seek_read)
-                for attempt in range(2):
+                for attempt in range(2):  # the first verifies each payload, the second goes by the digests
                     del reads[:]
-                    with mock.patch.object(os, "pread", counted):
-                        got = service.execute_json(q)
+                    got = service.execute_json(q)
                     offsets = [self.oracle_offset(e["id"]) for e in json.loads(got)["events"]]
                     self.assertEqual(len(offsets), 50)
                     self.assertEqual(sorted(reads), sorted(offsets), (io, attempt))
