@@ -48,8 +48,11 @@ def page(service, query, as_body):
 
 
 def keyset(service, from_ts, to_ts, actor_id, action, page_size, cursor, as_body):
-    """list_after(...) of `service` (as_body=False), or the bytes of its json.dumps (True).
-    O(log n + page_size) from a current view."""
+    """list_after(...) of `service` (as_body=False), or the bytes of its json.dumps (True): the next
+    `page_size` matches strictly after `cursor`, in `created_at DESC, id DESC` order (`cursor=None`:
+    from the newest match), as {"events", "count", "next_cursor"}; `next_cursor` is None when nothing
+    is left. Events, payload reads and argument checks are those of `page`. Raises ValueError for a
+    malformed or tampered cursor, or one issued for other filters. O(log n + page_size)."""
     check_fields(from_ts, to_ts, actor_id, action, 1, page_size)
     filters = cursors.fingerprint(from_ts, to_ts, actor_id, action)
     after = None if cursor is None else cursors.decode(service._cursor_key, cursor, filters)

@@ -1,11 +1,9 @@
 """EnhancedAuditLogService: the baseline's answers from an in-memory index kept exact under live writes.
 
-Requests (execute, execute_json, list_after, list_after_json) are answered by answers.py, which
-takes the view from _fresh_view() here: one stat() and one pread of the change counter or
-wal-index header (probe.py, fileio.py); equal to the view's stamp means nothing was committed
-since; otherwise the view is caught up from the change log (catchup.py), or found stale. A stale
+Requests are answered by answers.py from the view _fresh_view() gives: the view, caught up from the
+change log (catchup.py) if a probe (probe.py, fileio.py) saw a commit since it was taken; a stale
 view (no change log) waits for the background build that covers it (rebuild.py, build.py), or,
-when none comes within about two builds' time, is answered by SQLite with the baseline's query.
+when none comes within about two builds' time, SQLite answers with the baseline's query (db.py).
 """
 
 __all__ = ["EnhancedAuditLogService", "ServiceClosed"]
@@ -168,13 +166,8 @@ class EnhancedAuditLogService:
         return answers.page(self, query, True)
 
     def list_after(self, from_ts, to_ts, actor_id=None, action=None, page_size=20, cursor=None):
-        """Keyset pagination: the next `page_size` matches strictly after `cursor`, in
-        `created_at DESC, id DESC` order; `cursor=None` starts at the newest match.
-
-        Returns {"events", "count", "next_cursor"}; `next_cursor` is None when nothing is left.
-        Events, payload reads and argument checks are those of `execute`. O(log n + page_size).
-        Raises ValueError for a malformed or tampered cursor, or one issued for other filters.
-        """
+        """Keyset pagination: the next `page_size` matches strictly after `cursor` (None: the newest),
+        {"events", "count", "next_cursor"}; answers.keyset says more. O(log n + page_size)."""
         return answers.keyset(self, from_ts, to_ts, actor_id, action, page_size, cursor, False)
 
     def list_after_json(self, from_ts, to_ts, actor_id=None, action=None, page_size=20, cursor=None):
