@@ -64,6 +64,7 @@ def main():
     parser.add_argument("--baseline-total", type=int, default=600)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--costs", action="store_true", help="per-event costs of the parts of a body, one thread")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     baseline.init()
@@ -74,6 +75,8 @@ def main():
             pass
     if args.profile:
         return profile(service)
+    if args.costs:
+        return costs(service)
     pick = pages_picker() if args.workload == "pages" else baseline._pick_query
     saved = baseline._pick_query
     if args.workload == "pages":
@@ -134,6 +137,54 @@ def profile(service):
     print(f"second requests for {len(queries)} pages, {events} events: {loads} json.loads/decode calls")
     stats.sort_stats("tottime").print_stats(12)
     return 0
+
+
+def costs(service, pages=40, size=50, repeat=5):
+    """Per event, best of `repeat`, over `pages` verified pages of `size` events, one thread."""
+    from itertools import repeat as rep
+    from enhanced_audit.index import select
+    pick = pages_picker(seed=13)
+    view = service._fresh_view()
+    base = view.base
+    plans = []
+    for _ in range(pages):
+        q = dataclasses.replace(pick(), page_size=size)
+        service.execute_json(q)
+        items, _ = select(view, q.from_ts, q.to_ts, None, None, (q.page - 1) * size, size)
+        plans.append((q, list(items)))
+    state = body.state_of(base)
+    reader = service._payload.reader()
+    raws = [[*reader.reads([base.lengths[p] for p in items], [base.offsets[p] for p in items])] for _, items in plans]
+    values = [[json.loads(r) for r in page] for page in raws]
+    sip, blake = body._siphash()[1], body._blake2b()[1]
+    parts = {
+        "page reads (fileio, shared with events.py)": lambda: [[*reader.reads([base.lengths[p] for p in items],
+                                                                               map(base.offsets.__getitem__, items))]
+                                                               for _, items in plans],
+        "digest: hash() (SipHash, process key)": lambda: [[*sip(map(bytes, map(memoryview, page)))] for page in raws],
+        "digest: keyed BLAKE2b, 8 bytes": lambda: [[*blake(page)] for page in raws],
+        "copy of the bytes (part of the hash() line)": lambda: [[*map(bytes, map(memoryview, page))] for page in raws],
+        "json.loads": lambda: [[*map(json.loads, page)] for page in raws],
+        "json.dumps": lambda: [[*map(json.dumps, page)] for page in values],
+        "body.py pass (reads, digests, formatting)": lambda: [[*body._pass(state, base, items, reader, None, [], [])]
+                                                              for _, items in plans],
+        "execute_json (whole request)": lambda: [service.execute_json(q) for q, _ in plans],
+        "execute + json.dumps (whole request)": lambda: [json.dumps(service.execute(q)).encode() for q, _ in plans],
+    }
+    events = pages * size
+    print(f"digest in use: {body.DIGEST}; {pages} pages of {size} events, mean payload "
+          f"{sum(map(len, (r for page in raws for r in page))) / events:.0f} bytes")
+    for name, fn in parts.items():
+        best = min(_timed_once(fn) for _ in rep(None, repeat))
+        print(f"  {name:<48} {best / events * 1e6:7.2f} us an event")
+    return 0
+
+
+def _timed_once(fn):
+    import time
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

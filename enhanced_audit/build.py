@@ -7,7 +7,7 @@ log n); about 50 ms for 50,000 rows here. Otherwise (a first build, many changes
 not hold exactly, or a change log) a new base: O(n log n), about 0.15-0.25 s for 50,000 rows.
 """
 
-__all__ = ["Retry", "build"]
+__all__ = ["Retry", "build", "build_for_init"]
 
 import time
 
@@ -68,6 +68,25 @@ def build(db, io, ticket, previous=None, chunked=True):
         return _from_image(view, image, previous), None
     base, problem = _index_or_none(rows)
     return view._replace(base=base), problem
+
+
+def build_for_init(service):
+    """A full build in the caller's thread (the service's init()), with no lock held: it reads, and
+    may sleep out a writer's lock (db.retry_busy), while requests and catch-ups go on. Records the
+    build's time and count on the service (under its lock); warns when the view has no index."""
+    for attempt in range(10):
+        started = time.monotonic()
+        try:
+            view, problem = build(service._db, service._io, service._next_ticket(), chunked=attempt == 0)
+        except Retry:
+            continue  # a replaced file, or a schema change between the chunks: read again, in one go
+        with service._lock:
+            service._rebuilder.build_seconds = time.monotonic() - started
+            service._stats["full_rebuilds"] += 1
+        if problem is not None:
+            service._warn_unindexable(problem)
+        return view
+    raise OSError(f"{service._db_path} kept changing under ten full reads")
 
 
 def _from_image(view, image, previous):

@@ -17,7 +17,7 @@ from itertools import count
 import audit_log_service as _baseline
 
 from . import answers, forks
-from .build import Retry, build, data_version
+from .build import build_for_init, data_version
 from .catchup import catch_up, refresh
 from .db import BUSY_TIMEOUT, Database, missing_db
 from .fileio import choose_io
@@ -94,7 +94,7 @@ class EnhancedAuditLogService:
                         self._open_parts()
                     if self._view is not None:
                         return
-                view = self._build_now()
+                view = build_for_init(self)
                 with self._lock:
                     if self._view is None and not self._closed:  # close() meanwhile: it stays closed
                         self._view = view
@@ -266,24 +266,6 @@ class EnhancedAuditLogService:
             return self._io.stamp(self._db_path, *view.probe) if view.probe is not None else None
         except OSError:
             return None
-
-    def _build_now(self):
-        """A full build in the caller's thread (init), with no lock held: it reads, and may sleep
-        out a writer's lock (db.retry_busy), while requests and catch-ups go on."""
-        db, io = self._db, self._io
-        for attempt in range(10):
-            started = time.monotonic()
-            try:
-                view, problem = build(db, io, next(self._tickets), chunked=attempt == 0)
-            except Retry:
-                continue  # a replaced file, or a schema change between the chunks: read again, in one go
-            with self._lock:
-                self._rebuilder.build_seconds = time.monotonic() - started
-                self._stats["full_rebuilds"] += 1
-            if problem is not None:
-                self._warn_unindexable(problem)
-            return view
-        raise OSError(f"{self._db_path} kept changing under ten full reads")
 
     def _publish_built(self, view):
         """Publish a background build, caught up from the log first when there is one; when it is newer
