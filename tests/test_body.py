@@ -7,6 +7,7 @@ import json
 import os
 import random
 import sqlite3
+import threading
 import unittest
 from contextlib import closing
 from unittest import mock
@@ -406,6 +407,46 @@ class LiveWrites(unittest.TestCase):
 
     def test_wal_without_change_log(self):
         self._run("WAL", False)
+
+
+class Threads(unittest.TestCase):
+    """Eight threads asking for the same pages from a fresh service (racing to make the digests'
+    state and to verify), with a line changed in place meanwhile: every body is one the request could
+    have seen. Run on the free-threaded build too (no GIL)."""
+
+    def test_racing_requests(self):
+        with DataCopy(rows=600) as data:
+            queries = [Query(0, 2 ** 40, None, None, page, size) for page in (1, 2, 3) for size in (10, 20, 50)]
+            with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+                first = {q: service.execute_json(q) for q in queries}
+            row_id = json.loads(first[queries[0]])["events"][0]["id"]
+            old = read_line(data, row_id)
+            changed = old.replace(b"x", b"z")
+            with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+                errors, bodies = [], []
+                start = threading.Barrier(9)
+
+                def run():
+                    try:
+                        start.wait()
+                        for i in range(60):
+                            q = queries[i % len(queries)]
+                            bodies.append((q, service.execute_json(q)))
+                    except BaseException as exc:  # reported by the main thread
+                        errors.append(exc)
+                threads = [threading.Thread(target=run) for _ in range(8)]
+                for t in threads:
+                    t.start()
+                start.wait()
+                rewrite(data, row_id, changed)
+                for t in threads:
+                    t.join()
+                second = {q: service.execute_json(q) for q in queries}
+            self.assertEqual(errors, [])
+            for q in queries:
+                self.assertEqual(second[q], first[q].replace(old[:-1], changed[:-1]))
+            for q, got in bodies:
+                self.assertIn(got, (first[q], second[q]), q)
 
 
 @unittest.skipUnless(HAVE_FORK, "needs os.fork")
