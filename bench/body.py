@@ -7,7 +7,9 @@ Load functions (each returns the body's bytes; runner.run times the call):
 - dumps:      json.dumps(service.execute(pick())).encode();
 - json:       service.execute_json(pick()), payload digests as the service keeps them (warm: every
               page the run asks for was asked for in the warm-up of earlier rounds, or is verified once);
-- json:DIGEST with DIGEST siphash or blake2b: the same with that digest function (A/B of body.py's choice).
+- json:DIGEST with DIGEST siphash or blake2b: the same with that digest function (A/B of body.py's choice);
+- reads:      the floor of any body made from the shared page reads: select(), then the page's reads
+              (fileio, as events.py and body.py read), nothing else.
 
 Workloads: `pages` (pages that hold events: tests.support.pages_picker), `contract` (_pick_query draws).
 The page cache is warm (the payload file read once first). Prints every round and the medians, and
@@ -51,6 +53,17 @@ def loads_for(spec, service, pick):
             finally:
                 body._digest, body._digests = saved
         return load
+    if spec == "reads":  # the floor of a body from the page reads: select, then the page's reads, nothing else
+        from enhanced_audit.index import select
+
+        def reads():
+            q = pick()
+            view = service._fresh_view()
+            base = view.base
+            items, _ = select(view, q.from_ts, q.to_ts, q.actor_id, q.action, (q.page - 1) * q.page_size, q.page_size)
+            reader = service._payload.reader()
+            return [*reader.reads([*map(base.lengths.__getitem__, items)], map(base.offsets.__getitem__, items))]
+        return reads
     raise SystemExit(f"ERROR: unknown implementation {spec!r}")
 
 
@@ -100,9 +113,12 @@ def main():
                 row[name]["rounds"] = [{k: round(m[k], 3) for k in KEYS} for m in rs]
             if "json" in runs:
                 js = runs["json"]
-                for other in ("baseline", "dumps"):
+                for other in ("baseline", "dumps", "reads"):
                     if other in runs:
                         row[f"rps json/{other} rounds"] = [round(j["rps"] / o["rps"], 2) for j, o in zip(js, runs[other])]
+                if "reads" in runs and "baseline" in runs:
+                    row["rps reads/baseline rounds"] = [round(r["rps"] / o["rps"], 2)
+                                                       for r, o in zip(runs["reads"], runs["baseline"])]
                 if "baseline" in runs:
                     row["p99 baseline/json rounds"] = [round(o["p99_ms"] / j["p99_ms"], 1)
                                                        for j, o in zip(js, runs["baseline"])]
