@@ -5,8 +5,8 @@ Load functions (each returns the body's bytes; runner.run times the call):
 - baseline:   json.dumps(audit_log_service.handle_request()).encode(), its _pick_query swapped for the
               workload's picker for the duration (its file untouched);
 - dumps:      json.dumps(service.execute(pick())).encode();
-- json:       service.execute_json(pick()), payload digests as the service keeps them (warm: every
-              page the run asks for was asked for in the warm-up of earlier rounds, or is verified once);
+- json:       service.execute_json(pick()); warm: each page the picker can draw is asked for once before
+              the timed runs (its payloads verified: the second request for each page);
 - json:DIGEST with DIGEST siphash or blake2b: the same with that digest function (A/B of body.py's choice);
 - reads:      the floor of any body made from the shared page reads: select(), then the page's reads
               (fileio, as events.py and body.py read), nothing else.
@@ -95,6 +95,11 @@ def main():
     if args.workload == "pages":
         baseline._pick_query = pick
     impls = args.impls.split(",")
+    if args.workload == "pages":  # warm: each page the picker can draw asked for once (its payloads verified)
+        window = pages_picker()()
+        for page in range(1, 101):
+            for size in (10, 20, 50):
+                service.execute_json(baseline.Query(window.from_ts, window.to_ts, None, None, page, size))
     print(f"digest: {body.DIGEST}; workload {args.workload}; {args.rounds} rounds, interleaved", file=sys.stderr)
     results = []
     try:
