@@ -132,17 +132,12 @@ def render(state, view, items, reader, payload_path, head, tail):
 def _with_delta(state, view, items, reader, payload_path):
     """Runs of base positions through the pass, delta rows as json.dumps of their dicts. O(k)."""
     base = view.base
-    parts, run = [], []
-    for item in items:  # runs of base positions, delta rows one by one: reads stay in order
-        if type(item) is int:
-            run.append(item)
-            continue
-        if run:
-            parts += _page(state, base, run, reader)
-            run = []
-        parts.append(_events._event(item[2], reader.read, payload_path))  # a dict, encoded below
-    if run:
-        parts += _page(state, base, run, reader)
+    parts = []
+    for part in _events.runs(items):  # delta rows as dicts, encoded below
+        if type(part) is list:
+            parts += _page(state, base, part, reader)
+        else:
+            parts.append(_events._event(part, reader.read, payload_path))
     # after every read: json.dumps(execute()) raises a decode error before an encode error
     return b", ".join([p if type(p) is bytes else json.dumps(p).encode() for p in parts])
 

@@ -21,7 +21,7 @@ an error, a read that would wait for the disk) finishes the page through the eve
 which reuses the bytes already read: every event is still read once.
 """
 
-__all__ = ["ONE_PASS", "from_view", "from_rows"]
+__all__ = ["ONE_PASS", "from_view", "from_rows", "runs"]
 
 import json
 from functools import partial
@@ -48,18 +48,29 @@ def from_view(view, items, reader, payload_path):
         reader = None
     if view.delta is None:
         return _page(base, items, reader, read)  # fast path: every item is a base position
-    events, run = [], []
-    for item in items:  # runs of base positions, delta rows one by one: reads stay in order
+    events = []
+    for part in runs(items):
+        if type(part) is list:
+            events += _page(base, part, reader, read)
+        else:
+            events.append(_event(part, read, payload_path))
+    return events
+
+
+def runs(items):
+    """`items` of index.select() in order, as lists of consecutive base positions and, one by one,
+    the rows (tuples) of delta entries: reads stay in the page's order. O(k)."""
+    run = []
+    for item in items:
         if type(item) is int:
             run.append(item)
             continue
         if run:
-            events += _page(base, run, reader, read)
+            yield run
             run = []
-        events.append(_event(item[2], read, payload_path))
+        yield item[2]
     if run:
-        events += _page(base, run, reader, read)
-    return events
+        yield run
 
 
 def from_rows(rows, reader, payload_path):

@@ -446,18 +446,18 @@ class ForkMidWork(unittest.TestCase):
 
     def test_fork_during_a_lazy_init(self):
         """A request thread is building the view when the master forks: the child answers and closes."""
-        from enhanced_audit import service as service_module
+        from enhanced_audit import build as build_module
         with DataCopy(rows=300) as data:
             service = enhanced.EnhancedAuditLogService(data.db, data.payloads)
             building = threading.Event()
-            real = service_module.build
+            real = build_module.build  # what init's build (build.build_for_init) calls
 
             def slow_build(*args, **kwargs):
                 building.set()
                 time.sleep(0.5)
                 return real(*args, **kwargs)
 
-            with mock.patch.object(service_module, "build", slow_build):
+            with mock.patch.object(build_module, "build", slow_build):
                 first = threading.Thread(target=service.execute, args=(ALL,))
                 first.start()
                 self.assertTrue(building.wait(10))

@@ -586,7 +586,7 @@ class InitHoldsNoLock(unittest.TestCase):
         concurrent second init() waits for that one build instead of running its own."""
         with DataCopy(rows=300) as data:
             entered, release, calls = threading.Event(), threading.Event(), []
-            real = service_module.build
+            real = build_module.build  # what init's build (build.build_for_init) calls
 
             def slow(*args, **kwargs):
                 calls.append(1)
@@ -596,7 +596,7 @@ class InitHoldsNoLock(unittest.TestCase):
             service = enhanced.EnhancedAuditLogService(data.db, data.payloads)
             inits = [threading.Thread(target=service.init) for _ in range(2)]
             try:
-                with mock.patch.object(service_module, "build", slow):
+                with mock.patch.object(build_module, "build", slow):
                     inits[0].start()
                     self.assertTrue(entered.wait(10))
                     inits[1].start()
