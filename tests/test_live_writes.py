@@ -20,7 +20,6 @@ from enhanced_audit import catchup as catchup_module
 from enhanced_audit import rebuild as rebuild_module
 from enhanced_audit import build as build_module
 from enhanced_audit import db as db_module
-from enhanced_audit import service as service_module
 from enhanced_audit.fileio import choose_io
 from tests.support import (ROOT, SCALE, DataCopy, append_events, baseline_answer, outcome, replace_db_with_fewer_rows,
                            switching_often)
