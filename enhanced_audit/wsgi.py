@@ -13,9 +13,10 @@ most once; no parameter outside these seven):
   `Link: <...>; rel="next"`, a URL (relative to the host) of the next page with the same filters.
 
 Values: integers are ASCII decimal, an optional `-` then digits; an empty value is refused (leave an
-optional filter out instead). Each value is checked by execute()'s own checks (query.check_fields)
-on its own, so the 400 names it; a cursor is verified (signature, filters) before the service is
-asked. A bad request calls nothing of the service.
+optional filter out instead). The values are checked by execute()'s own checks (query.check_fields);
+when they fail, each value is checked on its own beside values that pass, so the 400 names it (page
+when only (page - 1) * page_size is out of range). A cursor is verified (signature, filters) before
+the service is asked. A bad request calls nothing of the service.
 
 Statuses: 200; 400 bad input, the body's "parameter" naming it (null when no one parameter is at
 fault: an undecodable name); 404 any other path; 405 any other method, with `Allow: GET, HEAD`;
@@ -64,6 +65,8 @@ class BadRequest(Exception):
 
 
 def _text(raw, parameter):
+    if b"%" not in raw and b"+" not in raw and raw.isascii():
+        return raw.decode("ascii")  # the common case: nothing to unquote
     try:
         return unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
     except UnicodeDecodeError:
@@ -107,37 +110,32 @@ def parse(query_string):
             continue
         if not text:
             raise BadRequest(name, f"{name} is empty; leave an optional filter out for none")
-        value = text
         if name in _INTS:
             if not _INT.match(text):
                 raise BadRequest(name, f"{name} must be a decimal integer, got {_shown(text)}")
             if len(text) > _MAX_DIGITS:
                 raise BadRequest(name, f"{name} is out of range: {len(text)} digits")
-            value = int(text)
-        _check_one(name, value)
-        values[name] = value
+            values[name] = int(text)
+        else:
+            values[name] = text
     f, t, actor, action, page, size = (values[k] for k in FIELDS)
-    _check_all(f, t, actor, action, page, size)
+    try:
+        check_fields(f, t, actor, action, page, size)  # execute()'s checks, all at once
+    except (TypeError, ValueError, OverflowError):  # UnicodeEncodeError is a ValueError
+        for name in FIELDS:  # which one: each value on its own beside values that pass
+            _check_one(name, values[name])
+        raise BadRequest("page", f"(page - 1) * page_size is out of range: {page} and {size}") from None
     if keyset:
         return "keyset", (f, t, actor, action, size, given["cursor"] or None)
     return "page", Query(f, t, actor, action, page, size)
 
 
 def _check_one(name, value):
-    """execute()'s checks, on this one value beside values known to pass them."""
     fields = dict(_VALID, **{name: value})
     try:
         check_fields(*(fields[k] for k in FIELDS))
-    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
-        raise BadRequest(name, str(exc)) from None
-
-
-def _check_all(f, t, actor, action, page, size):
-    """The check across fields: (page - 1) * page_size must be a 64-bit integer (page named)."""
-    try:
-        check_fields(f, t, actor, action, page, size)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise BadRequest("page", str(exc)) from None
+        raise BadRequest(name, str(exc)) from None
 
 
 def _error(status, message, parameter=False, headers=()):
