@@ -50,7 +50,7 @@ class Index:
 
     __slots__ = ("n", "ids", "inv_created", "actors", "action_codes", "type_codes", "strings", "code_of",
                  "rid_text", "rid_starts", "offsets", "lengths", "odd", "by_actor", "by_action", "by_pair",
-                 "max_id", "_by_id")
+                 "max_id", "_by_id", "body")
 
     def __init__(self, rows):
         """O(n log n). `rows` come in the baseline's order (SQL ORDER BY created_at DESC, id DESC)."""
@@ -86,6 +86,7 @@ class Index:
         self.by_pair = _Groups([a * _PAIR + c for a, c in zip(actors, acodes)])
         self.max_id = max(self.ids) if self.n else None
         self._by_id = None  # (ids ascending, their positions): built on first need, see position_of
+        self.body = None  # body.py's digests of verified payloads, made on first need
 
     def position_of(self, row_id):
         """Base position of `row_id`, or None. O(log n) after an O(n log n) build on first call.

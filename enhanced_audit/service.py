@@ -1,20 +1,15 @@
 """EnhancedAuditLogService: the baseline's answers from an in-memory index kept exact under live writes.
 
-One request (execute):
-  1. query.py     checks the six fields the way the baseline's SQLite bind would fail;
-  2. service.py   _fresh_view(): one stat() and one pread of the change counter or wal-index header
-                  (probe.py, fileio.py); equal to the view's stamp means nothing was committed since;
-  3. catchup.py   otherwise the view is caught up from the change log, or found stale;
-  4. index.py     select(): bisections for the window and filter, then a slice (no OFFSET walk);
-  5. events.py    one positioned read and one json.loads per event (files.PayloadFile);
-  a stale view (no change log) waits for the background build that covers it (rebuild.py,
-  build.py), or, when none comes within about two builds' time, is answered by SQLite with the
-  baseline's query (db.py).
+Requests (execute, execute_json, list_after, list_after_json) are answered by answers.py, which
+takes the view from _fresh_view() here: one stat() and one pread of the change counter or
+wal-index header (probe.py, fileio.py); equal to the view's stamp means nothing was committed
+since; otherwise the view is caught up from the change log (catchup.py), or found stale. A stale
+view (no change log) waits for the background build that covers it (rebuild.py, build.py), or,
+when none comes within about two builds' time, is answered by SQLite with the baseline's query.
 """
 
 __all__ = ["EnhancedAuditLogService", "ServiceClosed"]
 
-import json
 import os
 import secrets
 import threading
@@ -23,15 +18,13 @@ from itertools import count
 
 import audit_log_service as _baseline
 
-from . import cursor as cursors
-from . import events, forks
+from . import answers, forks
 from .build import Retry, build, data_version
 from .catchup import catch_up, refresh
-from .db import BUSY_TIMEOUT, KEYSET_AFTER_SQL, KEYSET_SQL, PAGE_SQL, Database, missing_db
+from .db import BUSY_TIMEOUT, Database, missing_db
 from .fileio import choose_io
 from .files import PayloadFile, open_descriptors
-from .index import select
-from .query import check_fields, parse, path_arg
+from .query import path_arg
 from .rebuild import RateLimitedLog, Rebuilder
 
 _STATS = ("refreshes", "changes_applied", "full_rebuilds", "background_rebuilds", "stale_rebuilds",
@@ -165,22 +158,14 @@ class EnhancedAuditLogService:
         return self.execute(_baseline._pick_query())
 
     def execute(self, query):
-        """Answer `query` (a Query or a dict of its six fields) exactly as the baseline would.
+        """Answer `query` (a Query or a dict of its six fields) exactly as the baseline would:
+        {"query", "events", "count"}. O(log n + page_size) from a current view (answers.py)."""
+        return answers.page(self, query, False)
 
-        O(log n + page_size) from a current view: bisections for the window and the filter, then a
-        slice; no scan and no OFFSET walk. Returns {"query", "events", "count"}.
-        """
-        from_ts, to_ts, actor_id, action, page, page_size, echo = parse(query)
-        view = self._fresh_view()
-        if view is None or view.base is None:  # stale or unindexable: SQLite answers, the baseline's query
-            rows = self._db.query(PAGE_SQL, (from_ts, to_ts, actor_id, actor_id, action, action, page_size,
-                                             (page - 1) * page_size))
-            found = self._from_rows(rows)
-            return {"query": echo, "events": found, "count": len(found)}
-        items, _ = select(view, from_ts, to_ts, actor_id, action, (page - 1) * page_size, page_size)
-        count = len(items)  # taken before: no call may follow the page's one pass (events.py)
-        found = events.from_view(view, items, self._payload.reader(), self._payload_path) if count else []
-        return {"query": echo, "events": found, "count": count}
+    def execute_json(self, query):
+        """The JSON body of execute(query): exactly the bytes of json.dumps(self.execute(query)).encode(),
+        with the same reads, checks and exceptions. O(log n + page_size) from a current view (body.py)."""
+        return answers.page(self, query, True)
 
     def list_after(self, from_ts, to_ts, actor_id=None, action=None, page_size=20, cursor=None):
         """Keyset pagination: the next `page_size` matches strictly after `cursor`, in
@@ -190,37 +175,11 @@ class EnhancedAuditLogService:
         Events, payload reads and argument checks are those of `execute`. O(log n + page_size).
         Raises ValueError for a malformed or tampered cursor, or one issued for other filters.
         """
-        check_fields(from_ts, to_ts, actor_id, action, 1, page_size)
-        filters = cursors.fingerprint(from_ts, to_ts, actor_id, action)
-        after = None if cursor is None else cursors.decode(self._cursor_key, cursor, filters)
-        view = self._fresh_view()
-        if view is None or view.base is None or (after is not None and type(after[0]) is not int):
-            # stale or unindexable (or a cursor on a REAL created_at): the same keyset page from SQLite
-            sql, args = KEYSET_SQL, [from_ts, to_ts, actor_id, actor_id, action, action]
-            if after is not None:
-                sql, args = KEYSET_AFTER_SQL, args + [after[0], after[0], after[1]]
-            rows = self._db.query(sql, args + [page_size + 1])
-            found, more = self._from_rows(rows[:page_size]), len(rows) > page_size
-        else:
-            items, more = select(view, from_ts, to_ts, actor_id, action, 0, page_size, after)
-            found = events.from_view(view, items, self._payload.reader(), self._payload_path) if len(items) else []
-        next_cursor = None
-        if more and found:
-            last = found[-1]
-            next_cursor = cursors.encode(self._cursor_key, last["created_at"], last["id"], filters)
-        return {"events": found, "count": len(found), "next_cursor": next_cursor}
-
-    def execute_json(self, query):
-        """The JSON body of execute(query): exactly json.dumps(self.execute(query)).encode()."""
-        return json.dumps(self.execute(query)).encode()
+        return answers.keyset(self, from_ts, to_ts, actor_id, action, page_size, cursor, False)
 
     def list_after_json(self, from_ts, to_ts, actor_id=None, action=None, page_size=20, cursor=None):
-        """The JSON body of list_after(...): exactly json.dumps(self.list_after(...)).encode()."""
-        return json.dumps(self.list_after(from_ts, to_ts, actor_id, action, page_size, cursor)).encode()
-
-    def _from_rows(self, rows):
-        self._stats["fallback_answers"] += 1  # a statistic: a lost increment under a race is harmless
-        return events.from_rows(rows, self._payload.reader(), self._payload_path) if rows else []
+        """The JSON body of list_after(...): exactly the bytes of json.dumps(self.list_after(...)).encode()."""
+        return answers.keyset(self, from_ts, to_ts, actor_id, action, page_size, cursor, True)
 
     # -- freshness -----------------------------------------------------------------------------
 
