@@ -7,7 +7,8 @@ a thread per connection) on 127.0.0.1:
   query (thread-local), then handle_request();
 - enhanced: `enhanced_audit_log_service.make_app()`, the body from execute_json();
 - fixed: a WSGI application sending a fixed 12-byte JSON body without looking at the request: the
-  server's own ceiling on this machine.
+  server's own ceiling on this machine (`--fixed-bytes N`: a body of N bytes, e.g. a page's mean
+  size, to see what sending the bytes costs).
 The load comes from separate client processes (http.client, one persistent connection per thread,
 closed loop: the next request when the answer is read), at most --clients processes, the
 connections split evenly between them: 1 connection = 1 process; 8 = 4 processes x 2; 20 = 4 x 5.
@@ -67,13 +68,22 @@ def percentile(values, p):
 
 # -- server processes -------------------------------------------------------------------------
 
-def server_main(kind):
+def fixed_body(size):
+    """A JSON body of `size` bytes (at least the 12 of FIXED_BODY)."""
+    if size <= len(FIXED_BODY):
+        return FIXED_BODY
+    return b'{"pad": "' + b"x" * (size - 11) + b'"}'
+
+
+def server_main(kind, fixed_bytes):
     """Serve `kind` on a free port; print it; stop when stdin closes (the parent went away)."""
     from enhanced_audit import server, wsgi
     if kind == "fixed":
+        body = fixed_body(fixed_bytes)
+
         def app(environ, start_response):
-            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(FIXED_BODY)))])
-            return [FIXED_BODY]
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
     elif kind == "enhanced":
         import enhanced_audit_log_service as enhanced
         app = enhanced.make_app()
@@ -95,8 +105,9 @@ def server_main(kind):
     return 0
 
 
-def start_server(kind):
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--server", kind], stdin=subprocess.PIPE,
+def start_server(kind, fixed_bytes):
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--server", kind,
+                             "--fixed-bytes", str(fixed_bytes)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line.strip().isdigit():
@@ -238,11 +249,13 @@ def main():
     parser.add_argument("--clients", type=int, default=4, help="at most this many client processes")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--json", action="store_true", help="also print every round as JSON")
+    parser.add_argument("--fixed-bytes", type=int, default=len(FIXED_BODY),
+                        help="the fixed body's size (default 12; a page's size shows what sending its bytes costs)")
     parser.add_argument("--server", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.server:
-        return server_main(args.server)
+        return server_main(args.server, args.fixed_bytes)
     if args.client:
         return client_main()
     if args.quick:
@@ -250,11 +263,12 @@ def main():
     from tests.support import fingerprint
     print("fingerprint: %s (sha256 of %d source files)" % fingerprint())
     print(f"python {platform.python_version()} on {platform.system()} {platform.machine()}, {os.cpu_count()} cpus; "
-          f"{args.requests} requests a run, {args.rounds} round(s), at most {args.clients} client processes")
+          f"{args.requests} requests a run, {args.rounds} round(s), at most {args.clients} client processes, "
+          f"fixed body {len(fixed_body(args.fixed_bytes))} bytes")
     servers = {}
     try:
         for kind in IMPLS:
-            servers[kind] = start_server(kind)
+            servers[kind] = start_server(kind, args.fixed_bytes)
         ports = {k: port for k, (_, port) in servers.items()}
         sample = targets_for("contract", SAMPLE, 1) + targets_for("pages", SAMPLE, 1)
         equal = same_bodies(ports, sample)
