@@ -23,9 +23,6 @@ from .db import KEYSET_AFTER_SQL, KEYSET_SQL, PAGE_SQL
 from .index import select
 from .query import check_fields, parse
 
-_PAGE = b'{"query": %b, "events": [%b], "count": %d}'
-_KEYSET = b'{"events": [%b], "count": %d, "next_cursor": %b}'
-
 
 def page(service, query, as_body):
     """execute(query) of `service` (as_body=False), or the bytes of its json.dumps (True).
@@ -40,11 +37,14 @@ def page(service, query, as_body):
     items, _ = select(view, from_ts, to_ts, actor_id, action, (page - 1) * page_size, page_size)
     count = len(items)  # taken before: no call may follow the page's one pass (events.py)
     state = bodies.state_of(view.base) if as_body else None
-    if state is not None:
-        found = bodies.events(state, view, items, service._payload.reader(), service._payload_path) if count else b""
-        return _PAGE % (json.dumps(echo).encode(), found, count)
+    if state is not None:  # everything but the events before the page's pass: nothing is called after it
+        head, tail = b'{"query": %b, "events": [' % json.dumps(echo).encode(), b'], "count": %d}' % count
+        reader = service._payload.reader()
+        return bodies.render(state, view, items, reader, service._payload_path, head, tail) if count else head + tail
     found = events.from_view(view, items, service._payload.reader(), service._payload_path) if count else []
-    return _dumped({"query": echo, "events": found, "count": count}, as_body)
+    if as_body:
+        return json.dumps({"query": echo, "events": found, "count": count}).encode()
+    return {"query": echo, "events": found, "count": count}
 
 
 def keyset(service, from_ts, to_ts, actor_id, action, page_size, cursor, as_body):
@@ -54,31 +54,27 @@ def keyset(service, from_ts, to_ts, actor_id, action, page_size, cursor, as_body
     filters = cursors.fingerprint(from_ts, to_ts, actor_id, action)
     after = None if cursor is None else cursors.decode(service._cursor_key, cursor, filters)
     view = service._fresh_view()
-    state = None
     if view is None or view.base is None or (after is not None and type(after[0]) is not int):
         # stale or unindexable (or a cursor on a REAL created_at): the same keyset page from SQLite
         sql, args = KEYSET_SQL, [from_ts, to_ts, actor_id, actor_id, action, action]
         if after is not None:
             sql, args = KEYSET_AFTER_SQL, args + [after[0], after[0], after[1]]
         rows = service._db.query(sql, args + [page_size + 1])
-        more = len(rows) > page_size
         found = _from_rows(service, rows[:page_size])
-        last = rows[page_size - 1] if more else None
-    else:
-        items, more = select(view, from_ts, to_ts, actor_id, action, 0, page_size, after)
-        state = bodies.state_of(view.base) if as_body else None
-        reader = service._payload.reader()
-        if state is not None:
-            found = bodies.events(state, view, items, reader, service._payload_path) if len(items) else b""
-        else:
-            found = events.from_view(view, items, reader, service._payload_path) if len(items) else []
-        last = _row_key(view.base, items[-1]) if more and len(items) else None
-    next_cursor = None
-    if last is not None:
-        next_cursor = cursors.encode(service._cursor_key, last[1], last[0], filters)
-    count = len(items) if state is not None else len(found)
+        last = rows[page_size - 1] if len(rows) > page_size else None
+        next_cursor = None if last is None else cursors.encode(service._cursor_key, last[1], last[0], filters)
+        return _dumped({"events": found, "count": len(found), "next_cursor": next_cursor}, as_body)
+    items, more = select(view, from_ts, to_ts, actor_id, action, 0, page_size, after)
+    count = len(items)
+    last = _row_key(view.base, items[-1]) if more and count else None
+    next_cursor = None if last is None else cursors.encode(service._cursor_key, last[1], last[0], filters)
+    state = bodies.state_of(view.base) if as_body else None
     if state is not None:
-        return _KEYSET % (found, count, json.dumps(next_cursor).encode())
+        head = b'{"events": ['
+        tail = b'], "count": %d, "next_cursor": %b}' % (count, json.dumps(next_cursor).encode())
+        reader = service._payload.reader()
+        return bodies.render(state, view, items, reader, service._payload_path, head, tail) if count else head + tail
+    found = events.from_view(view, items, service._payload.reader(), service._payload_path) if count else []
     return _dumped({"events": found, "count": count, "next_cursor": next_cursor}, as_body)
 
 

@@ -25,7 +25,7 @@ all JSON-encodable, or whose rows need the baseline's own reads (Index.odd), is 
 json.dumps of the dicts (state_of returns None); so are delta rows, one by one.
 """
 
-__all__ = ["state_of", "events", "DIGEST"]
+__all__ = ["state_of", "render", "DIGEST"]
 
 import hashlib
 import json
@@ -73,6 +73,7 @@ _EVENT = (b'{"id": %d, "created_at": %d, "actor_id": %d, "action": %b, "resource
 _FIELDS = itemgetter(1, 2, 3, 4, 5, 6, 7)  # all but the digest check's True
 _NO_NEWLINE = slice(None, -1)
 _second = itemgetter(1)
+_JOIN = b", ".join
 
 
 class _State:
@@ -104,13 +105,33 @@ def state_of(base):
     return None if state.strings is None or base.odd else state
 
 
-def events(state, view, items, reader, payload_path):
-    """The bytes of the events of `items` (index.select) joined as json.dumps writes a list's items
-    (", "), one positioned read each, in order. O(k) reads and digests for k items, plus a decode and
-    encode for each payload not verified before. Raises what execute() raises for the same items."""
+def render(state, view, items, reader, payload_path, head, tail):
+    """head + the events of `items` (index.select) joined as json.dumps joins a list's items (", ")
+    + tail: one positioned read each, in order. O(k) reads and digests for k items, plus a decode
+    and an encode for each payload not verified before. Raises what execute() raises for them.
+
+    A page of base rows whose payloads are all verified is one pass; nothing but comparisons and
+    concatenations follows it (a call would be a point where the interpreter can switch threads
+    with the answer built but not returned: events.py)."""
+    if view.delta is not None:
+        return head + _with_delta(state, view, items, reader, payload_path) + tail
     base = view.base
-    if view.delta is None:
-        return b", ".join(_page(state, base, items, reader))
+    if not (_events.ONE_PASS and reader.reads is not None):
+        return head + b", ".join(_by_event(state, base, items, reader.read)) + tail
+    n = len(items)
+    expected = [True] * n
+    hits, raws = [], []
+    events = _pass(state, base, items, reader, None, hits, raws)
+    [joined] = [*map(_JOIN, (events,))]  # the page's reads, digests and formatting: one C-level iteration
+    if hits == expected:
+        return head + joined + tail
+    rest = _carry_on(state, base, items, reader, len(hits), raws[-1] if len(raws) > len(hits) else None)
+    return head + b", ".join([joined, *rest] if hits else rest) + tail
+
+
+def _with_delta(state, view, items, reader, payload_path):
+    """Runs of base positions through the pass, delta rows as json.dumps of their dicts. O(k)."""
+    base = view.base
     parts, run = [], []
     for item in items:  # runs of base positions, delta rows one by one: reads stay in order
         if type(item) is int:
@@ -130,33 +151,43 @@ def _page(state, base, positions, reader):
     """The events at base `positions`, each as bytes. O(k)."""
     if not (_events.ONE_PASS and reader.reads is not None):
         return _by_event(state, base, positions, reader.read)
-    out, start, first, n = [], 0, None, len(positions)
-    while start < n:
-        got, raws = _pass(state, base, positions[start:], reader, first)
-        out += got
-        start += len(got)
-        first = None
-        if start == n:
-            break
-        if len(raws) > len(got):  # this payload's digest is not the recorded one
-            out.append(_verified(state, base, positions[start], raws[-1]))
-            start += 1
-            continue
-        # a read that would wait for the disk: read through os.pread, the GIL released
-        lengths, offsets = base.lengths, base.offsets
-        if reader.will_need is not None:
-            rest = positions[start:]
-            reader.will_need([*map(lengths.__getitem__, rest)], map(offsets.__getitem__, rest))
-        p = positions[start]
-        first = reader.read_released(lengths[p], offsets[p])
+    hits, raws = [], []
+    out = [*_pass(state, base, positions, reader, None, hits, raws)]
+    if len(hits) < len(positions):
+        out += _carry_on(state, base, positions, reader, len(hits), raws[-1] if len(raws) > len(hits) else None)
     return out
 
 
-def _pass(state, base, positions, reader, first=None):
-    """(events, raws): the events at base `positions` whose payload is verified, in one C-level pass
-    (module docstring), up to the first that is not or whose read would wait; `raws` holds the
-    bytes read (one more than events when the pass stopped at an unverified payload). `first`:
-    the first payload's bytes, already read. O(k)."""
+def _carry_on(state, base, positions, reader, start, unverified):
+    """The events at positions[start:] after a pass stopped there: at a payload whose digest is not
+    the recorded one (`unverified`, its bytes: verified now), or (None) at a read that would wait for
+    the disk (read through os.pread, the GIL released). A new pass takes the rest. O(k)."""
+    out, n, first = [], len(positions), None
+    lengths, offsets = base.lengths, base.offsets
+    while start < n:
+        if unverified is not None:
+            out.append(_verified(state, base, positions[start], unverified))
+            start += 1
+            if start == n:
+                break
+        else:
+            if reader.will_need is not None:  # the disk reads the rest of the page while we wait for one
+                rest = positions[start:]
+                reader.will_need([*map(lengths.__getitem__, rest)], map(offsets.__getitem__, rest))
+            first = reader.read_released(lengths[positions[start]], offsets[positions[start]])
+        hits, raws = [], []
+        out += _pass(state, base, positions[start:], reader, first, hits, raws)
+        start += len(hits)
+        unverified = raws[-1] if len(raws) > len(hits) else None
+        first = None
+    return out
+
+
+def _pass(state, base, positions, reader, first, hits, raws):
+    """The events at base `positions` as a lazy C-level iteration (module docstring), each as bytes,
+    up to the first payload that is not verified or whose read would wait. Consumed, it has put
+    True in `hits` for each event made and the bytes of each read in `raws` (one more than `hits`
+    when it stopped at an unverified payload). `first`: the first payload's bytes, already read."""
     lengths = [*map(base.lengths.__getitem__, positions)]
     offsets = map(base.offsets.__getitem__, positions)
     if first is None:
@@ -164,12 +195,11 @@ def _pass(state, base, positions, reader, first=None):
     else:
         next(offsets)
         source = chain((first,), reader.reads(lengths[1:], offsets))
-    raws = []
     # zip pulls its left iterator first: each raw is appended before it is hashed
     digests = map(_second, zip(map(raws.append, source), _digests(map(raws.__getitem__, count()))))
     verified = takewhile(bool, map(eq, digests, map(state.digests.__getitem__, positions)))
     rid_starts, strings = base.rid_starts, state.strings
-    rows = zip(verified,
+    rows = zip(map(hits.append, verified),
                map(base.ids.__getitem__, positions),
                map(invert, map(base.inv_created.__getitem__, positions)),
                map(base.actors.__getitem__, positions),
@@ -179,7 +209,7 @@ def _pass(state, base, positions, reader, first=None):
                    slice, map(rid_starts.__getitem__, positions),
                    map(rid_starts.__getitem__, map(add, positions, repeat(1))))))),
                map(getitem, map(raws.__getitem__, count()), repeat(_NO_NEWLINE)))
-    return [*map(mod, repeat(_EVENT), map(_FIELDS, rows))], raws
+    return map(mod, repeat(_EVENT), map(_FIELDS, rows))
 
 
 def _by_event(state, base, positions, read):

@@ -13,10 +13,12 @@ from unittest import mock
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
-from enhanced_audit import body, events
+from enhanced_audit import answers, body, events
+from enhanced_audit import service as service_module
 from enhanced_audit.files import PageReader
 from tests.support import DataCopy, ServiceTestCase, baseline_answer, outcome, pages_picker
 from tests.test_field import HAVE_FORK, Forked
+from tests.test_mechanisms import _traced
 from tests.test_live_writes import KINDS, Writer, quiet, set_journal
 
 Query = baseline.Query
@@ -186,25 +188,47 @@ class ReadOnce(ServiceTestCase):
     def test_each_event_is_read_once(self):
         """Through os.pread (io="os") and through open/seek/read (io="seek"): one read per event."""
         q = Query(0, 2 ** 40, None, None, 3, 50)
-        for io in ("os", "seek"):
-            with enhanced.EnhancedAuditLogService(io=io) as service:
-                reads = []
+        reads = []
+        payload_inode = os.stat(baseline.PAYLOAD_FILE).st_ino
 
-                def counted(fd, n, off, _real=os.pread):
-                    reads.append(off)
-                    return _real(fd, n, off)
+        def counted(fd, n, off, _real=os.pread):
+            if os.fstat(fd).st_ino == payload_inode:  # not the database's change counter
+                reads.append(off)
+            return _real(fd, n, off)
+        for io in ("os", "seek"):
+            with mock.patch.object(os, "pread", counted), enhanced.EnhancedAuditLogService(io=io) as service:
 
                 def seek_read(n, off, _real=service._payload._seek_read):
                     reads.append(off)
                     return _real(n, off)
                 service._payload._seek = PageReader(seek_read, None, seek_read)
-                for attempt in range(2):
+                for attempt in range(2):  # the first verifies each payload, the second goes by the digests
                     del reads[:]
-                    with mock.patch.object(os, "pread", counted):
-                        got = service.execute_json(q)
+                    got = service.execute_json(q)
                     offsets = [self.oracle_offset(e["id"]) for e in json.loads(got)["events"]]
                     self.assertEqual(len(offsets), 50)
                     self.assertEqual(sorted(reads), sorted(offsets), (io, attempt))
+
+    def test_nothing_is_called_after_a_verified_page_is_built(self):
+        """After the list display that runs a verified page's one pass, no call (a point where the
+        interpreter may switch threads) runs before execute_json() returns: instructions traced."""
+        import dis
+        watched = {f.__code__ for f in (service_module.EnhancedAuditLogService.execute_json, answers.page,
+                                        body.render)}
+        names = {code: {i.offset: i.opname for i in dis.get_instructions(code)} for code in watched}
+        q = Query(0, 2 ** 40, None, None, 4, 20)
+        self.service.execute_json(q)
+        executed = []
+        got = _traced(watched, lambda code, offset: executed.append((code.co_name, names[code].get(offset))),
+                      lambda: self.service.execute_json(q))
+        self.assertEqual(json.loads(got)["count"], 20)
+        built = [i for i, (name, op) in enumerate(executed) if name == "render" and op == "LIST_EXTEND"]
+        self.assertTrue(built, executed)
+        after = [op for _, op in executed[built[-1] + 1:]]
+        self.assertIn("RETURN_VALUE", after)
+        switch_points = [op for op in after if op.startswith(("CALL", "PRECALL")) or op in ("JUMP_BACKWARD",
+                                                                                             "JUMP_ABSOLUTE")]
+        self.assertEqual(switch_points, [], after)
 
     def oracle_offset(self, row_id):
         if not hasattr(self, "_offsets"):

@@ -26,7 +26,7 @@ from unittest import mock
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
-from enhanced_audit import capi, changelog, db as dbmod, events, fileio, files, probe
+from enhanced_audit import answers, capi, changelog, db as dbmod, events, fileio, files, probe
 from enhanced_audit import service as service_module
 from tests.support import DataCopy, Oracle, append_events, baseline_answer
 from tests.test_guest import set_journal
@@ -437,8 +437,8 @@ class OnePass(unittest.TestCase):
     def test_nothing_is_called_after_a_page_is_built(self):
         """After the list display that builds the page, no call (a point where the interpreter may
         switch threads) runs before execute() returns: the instructions executed are traced."""
-        watched = {f.__code__ for f in (service_module.EnhancedAuditLogService.execute, events.from_view,
-                                        events._page, events._one_pass)}
+        watched = {f.__code__ for f in (service_module.EnhancedAuditLogService.execute, answers.page,
+                                        events.from_view, events._page, events._one_pass)}
         names = {code: {i.offset: i.opname for i in dis.get_instructions(code)} for code in watched}
         executed = []
         with enhanced.EnhancedAuditLogService() as service:
