@@ -157,7 +157,7 @@ def _default_service():
     return service if service is not None else _first_use()
 
 
-USAGE = ("usage: python3 enhanced_audit_log_service.py install-change-log [DB] | uninstall-change-log [DB]"
+_USAGE = ("usage: python3 enhanced_audit_log_service.py install-change-log [DB] | uninstall-change-log [DB]"
          " | serve [--host HOST] [--port PORT]")
 
 
@@ -169,7 +169,7 @@ def main(argv=None):
     if args and args[0] == "serve":
         return _serve(args[1:])
     if not args or args[0] not in commands or len(args) > 2:
-        print(USAGE, file=sys.stderr)
+        print(_USAGE, file=sys.stderr)
         return 2
     db_path = args[1] if len(args) == 2 else "audit.db"
     try:
@@ -187,7 +187,7 @@ def _serve(args):
     while args:
         name, eq, value = args.pop(0).partition("=")
         if name not in options or not (eq or args):
-            print(f"ERROR: serve: unknown option or missing value: {name}\n{USAGE}", file=sys.stderr)
+            print(f"ERROR: serve: unknown option or missing value: {name}\n{_USAGE}", file=sys.stderr)
             return 2
         options[name] = value if eq else args.pop(0)
     host, port = options["--host"], options["--port"]
