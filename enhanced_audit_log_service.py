@@ -19,11 +19,16 @@
   sqlite3.OperationalError, at init() or at a request).
 - A request before init() never seeds: without data it raises sqlite3.OperationalError, as the
   baseline's request does, and creates no file (the baseline's leaves an empty database behind).
+
+The endpoint: make_app() is GET /v1/audit-events as a WSGI application (enhanced_audit/wsgi.py says
+what it accepts and answers); `python3 enhanced_audit_log_service.py serve` runs it on a standard
+library HTTP/1.1 threading server (enhanced_audit/server.py); pre-forking servers load it with
+`gunicorn --preload 'enhanced_audit_log_service:make_app()'`.
 """
 
 __all__ = ["EnhancedAuditLogService", "Query", "ServiceClosed", "DB_PATH", "PAYLOAD_FILE", "SEED_ROWS", "MAX_PAGE",
            "NOTE_MIN_CHARS", "NOTE_MAX_CHARS", "init", "execute", "execute_json", "handle_request", "close",
-           "install_change_log", "uninstall_change_log"]
+           "install_change_log", "uninstall_change_log", "make_app"]
 
 import os
 import sys
@@ -33,6 +38,8 @@ import audit_log_service as _baseline
 from audit_log_service import (DB_PATH, MAX_PAGE, NOTE_MAX_CHARS, NOTE_MIN_CHARS, PAYLOAD_FILE,  # noqa: F401
                                SEED_ROWS, Query)  # re-exported: a drop-in module
 from enhanced_audit import changelog as _changelog
+from enhanced_audit import server as _server
+from enhanced_audit import wsgi as _wsgi
 from enhanced_audit.seeding import seed_in_new_interpreter as _seed_in_new_interpreter
 from enhanced_audit.service import EnhancedAuditLogService, ServiceClosed
 
@@ -133,12 +140,36 @@ def uninstall_change_log(db_path="audit.db"):
     _changelog.uninstall(db_path)
 
 
+def make_app(service=None):
+    """GET /v1/audit-events as a WSGI application over `service`, or, with no argument, over the
+    module's default service, opened here at once with init() (a pre-forking server that loads the
+    application in its master builds the index once, before it forks; enhanced_audit/forks.py makes
+    the forked workers serve from it). After close() it answers 503 until init() opens a new one.
+    """
+    if service is None:
+        init()
+        return _wsgi.make_app(_default_service)
+    return _wsgi.make_app(lambda: service)
+
+
+def _default_service():
+    service = _default
+    return service if service is not None else _first_use()
+
+
+_USAGE = ("usage: python3 enhanced_audit_log_service.py install-change-log [DB] | uninstall-change-log [DB]"
+         " | serve [--host HOST] [--port PORT]")
+
+
 def main(argv=None):
-    """`install-change-log [DB]` or `uninstall-change-log [DB]` (DB defaults to audit.db)."""
+    """`install-change-log [DB]`, `uninstall-change-log [DB]` (DB defaults to audit.db), or
+    `serve [--host 127.0.0.1] [--port 8080]`: the endpoint until Ctrl-C or SIGTERM."""
     args = sys.argv[1:] if argv is None else argv
     commands = {"install-change-log": install_change_log, "uninstall-change-log": uninstall_change_log}
+    if args and args[0] == "serve":
+        return _serve(args[1:])
     if not args or args[0] not in commands or len(args) > 2:
-        print(f"usage: python3 enhanced_audit_log_service.py {{{','.join(commands)}}} [DB]", file=sys.stderr)
+        print(_USAGE, file=sys.stderr)
         return 2
     db_path = args[1] if len(args) == 2 else "audit.db"
     try:
@@ -147,6 +178,36 @@ def main(argv=None):
         print(f"ERROR: {args[0]} {db_path}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(f"{args[0]}: done for {db_path}")
+    return 0
+
+
+def _serve(args):
+    options = {"--host": "127.0.0.1", "--port": "8080"}
+    args = list(args)
+    while args:
+        name, eq, value = args.pop(0).partition("=")
+        if name not in options or not (eq or args):
+            print(f"ERROR: serve: unknown option or missing value: {name}\n{_USAGE}", file=sys.stderr)
+            return 2
+        options[name] = value if eq else args.pop(0)
+    host, port = options["--host"], options["--port"]
+    if not (port.isdigit() and int(port) <= 65535):
+        print(f"ERROR: serve: --port must be an integer from 0 to 65535, got {port!r}", file=sys.stderr)
+        return 2
+
+    def announce(server):
+        bound_host, bound_port = server.server_address[:2]
+        print(f"serving GET {_wsgi.PATH} on http://{bound_host}:{bound_port} (Ctrl-C to stop)", flush=True)
+
+    try:
+        app = make_app()
+        _server.serve(app, host, int(port), announce)
+    except Exception as exc:  # a CLI reports, it does not trace back
+        print(f"ERROR: serve {host}:{port}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        close()
+    print("stopped", flush=True)
     return 0
 
 
