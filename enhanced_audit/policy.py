@@ -1,0 +1,134 @@
+"""The stale-view policy without a change log: when a request waits for a build, when builds run at all.
+
+A view with no change log goes stale at every commit; only a full read of the table (a build,
+rebuild.py and build.py) makes it current again, and SQLite answers meanwhile with the baseline's
+query on a kept connection (db.py), which is never slower than the baseline itself. The policy, in
+one place:
+
+- **Wait or fall back** (await_build). A stale request waits for a build only when that build is
+  expected to serve it sooner than SQLite would: the build's expected end (its start plus the last
+  build's duration, or two builds' time when the running build began before the request looked, so
+  only the next one covers it) against the request's arrival plus the recent time of a fallback
+  answer (an EWMA of the wall time of SQLite's answers, _EWMA). It then waits at most that long and
+  asks SQLite after. With no fallback measured yet, SQLite answers (and so measures one).
+- **Back off** (Policy.landed, Policy.may_start). A build that lands already stale (a commit
+  arrived while it read: the writer outpaces the builds) still publishes, but _STALE_ENTER of them
+  in a row stop the builds: they would burn a core the answers need (2 cores here) for a view that
+  is never current. SQLite answers meanwhile. The first build that lands current ends the backoff
+  (hysteresis: one stale landing is bad luck, two in a row a rate).
+- **Recover** (Policy.may_start). While backing off, a build starts once the database has not
+  changed for _QUIET_BUILDS of the last build's time (a request that sees the stale state starts
+  it): when the writer pauses or slows below one commit per build, the first build after its last
+  commit lands current, so the index is current again within half a build plus one build.
+
+Exactness does not depend on any of this: a view serves a request only when its stamp is the state
+the request read or its build drew its ticket after the request's (service.py, catchup.py). The
+estimates only choose between two exact answers.
+"""
+
+__all__ = ["Policy", "await_build"]
+
+import threading
+import time
+
+from .db import BUSY_TIMEOUT
+
+_EWMA = 0.125  # weight of the newest fallback time: about the last 8 answers, one busy moment does not rule
+_STALE_ENTER = 2  # builds landing stale in a row that start a backoff (one is chance, two are a writer's rate)
+_QUIET_BUILDS = 0.5  # while backing off, a build starts once no commit was seen for this share of a build:
+# a writer slower than that lets the build land current; recovery takes at most 1.5 builds' time
+
+
+class Policy:
+    """The estimates and the backoff state of one service. Each method is O(1) and thread-safe."""
+
+    def __init__(self):
+        # protects: _fallback, _stale_run, _backing_off, _changed_at and the counters below
+        self._lock = threading.Lock()
+        self._fallback = None  # EWMA of a fallback answer's wall time (s), None until one was measured
+        self._stale_run = 0  # builds in a row that landed stale
+        self._backing_off = False
+        self._changed_at = 0.0  # monotonic time a commit not yet built was first seen
+        self._counts = {"build_waits": 0, "backoffs": 0}  # requests that waited and got a view; backoffs begun
+
+    def note_fallback(self, seconds):
+        """Record one answer from SQLite that took `seconds` of wall time."""
+        with self._lock:
+            old = self._fallback
+            self._fallback = seconds if old is None else old + _EWMA * (seconds - old)
+
+    def fallback_estimate(self):
+        """Seconds SQLite is expected to take for one answer now, or None before any was measured."""
+        with self._lock:
+            return self._fallback
+
+    def note_change(self):
+        """A request saw a state no build has read (a commit). The caller holds the service's lock."""
+        with self._lock:
+            self._changed_at = time.monotonic()
+
+    def landed(self, stale):
+        """A background build was published; `stale`: a commit had already arrived (no change log)."""
+        with self._lock:
+            if not stale:
+                self._stale_run, self._backing_off = 0, False
+                return
+            self._stale_run += 1
+            if self._stale_run >= _STALE_ENTER and not self._backing_off:
+                self._backing_off = True
+                self._counts["backoffs"] += 1
+
+    def may_start(self, build_seconds):
+        """True when a build may start now: not backing off, or the database has been quiet for
+        _QUIET_BUILDS of a build (`build_seconds`, the last build's duration)."""
+        with self._lock:
+            return not self._backing_off or time.monotonic() - self._changed_at >= _QUIET_BUILDS * build_seconds
+
+    def waited(self):
+        with self._lock:
+            self._counts["build_waits"] += 1
+
+    def stats(self):
+        """build_waits, backoffs (counters), backing_off (the state now), fallback_ms (the estimate or None)."""
+        with self._lock:
+            out = dict(self._counts)
+            out["backing_off"] = self._backing_off
+            out["fallback_ms"] = None if self._fallback is None else self._fallback * 1e3
+        return out
+
+
+def await_build(service, ticket, now):
+    """The view a background build publishes for this request, or None (the caller asks SQLite).
+
+    `ticket`: drawn when the request looked; `now`: the stamp it read. A view serves it when its
+    stamp is `now`, or when its build drew its ticket after `ticket` (it read a later state). The
+    request waits, holding no lock, only while the running build is expected to end before the
+    request's arrival plus a fallback's time (module docstring), and starts the next build when the
+    last one landed stale and the policy lets it (not while backing off from a fast writer).
+    """
+    rebuilder, built, policy = service._rebuilder, service._built, service._rebuilder.policy
+    arrived = time.monotonic()
+    deadline = None
+    while True:
+        with built:
+            view = service._view
+            if view is None:
+                return None  # closed meanwhile
+            if view.stamp == now or view.ticket > ticket:
+                if deadline is not None:
+                    policy.waited()
+                return view
+            if rebuilder.running():
+                if deadline is None:
+                    budget = policy.fallback_estimate()
+                    if budget is None:
+                        return None  # nothing measured yet: SQLite answers, and that answer is measured
+                    deadline = arrived + min(budget, BUSY_TIMEOUT)
+                left = deadline - time.monotonic()
+                if left <= 0 or rebuilder.expected_end(ticket) > deadline:
+                    return None  # SQLite is expected to answer sooner than the build
+                built.wait(left)
+                continue
+        with service._lock:
+            if service._closed or not rebuilder.start():
+                return None
