@@ -73,9 +73,10 @@ class Rebuilder:
     def expected_end(self, ticket):
         """Monotonic time the running build is expected to publish a view serving a request that drew
         `ticket`: its start plus the last build's duration, or plus two when it began before that
-        request looked (then only the next build serves it). An estimate: read without the lock."""
+        request looked (then only the next build serves it). An estimate (`since` and `build_seconds`
+        read without the lock: one object each, never torn; a stale value moves an estimate, not an answer)."""
         started, floor = self.since
-        return started + self.build_seconds * (1 if floor > ticket else 2)
+        return started + self.policy.build_estimate(self.build_seconds) * (1 if floor > ticket else 2)
 
     def start(self, compaction=False, changed=False):
         """Start a build unless one runs, a backoff is pending or policy.py backs off from the writer;
@@ -119,7 +120,7 @@ class Rebuilder:
                     if service._closed:
                         return
                     previous = None if compaction else service._view
-                build_started = time.monotonic()
+                build_started, cpu_started = time.monotonic(), time.thread_time()
                 # one unit of SQLite work from the read to the publication: a fork between the two
                 # would close the kept connection whose -shm file the new view's probe reads
                 with forks.sqlite_section():
@@ -128,7 +129,7 @@ class Rebuilder:
                     except Retry:
                         continue  # another file came to the path while we read: read it
                     good = problem is None
-                    self._note_build(build_started, problem)
+                    self._note_build(build_started, cpu_started, problem)
                     self._publish(view)
                 return
         except Exception as exc:  # the next request retries, and raises the error itself if it persists
@@ -148,11 +149,12 @@ class Rebuilder:
             with service._built:  # requests waiting for this build look at the view again
                 service._built.notify_all()
 
-    def _note_build(self, started, problem):
+    def _note_build(self, started, cpu_started, problem):
         service = self._service
         with service._lock:
             self.build_seconds = time.monotonic() - started
             service._stats["rebuild_seconds"] += self.build_seconds
+        self.policy.note_build(time.thread_time() - cpu_started)  # its CPU time: policy.py says why
         if problem is not None:
             service._warn_unindexable(problem)
 
