@@ -23,13 +23,13 @@ one place:
   in a row stop the builds: they would burn a core the answers need (2 cores here) for a view that
   is never current. SQLite answers meanwhile. The first build that lands current ends the backoff
   (hysteresis: one stale landing is bad luck, two in a row a rate).
-- **Recover** (Policy.may_start). While backing off, a build starts once the database has not
-  changed for _QUIET_BUILDS of a build's time (a request that sees the stale state starts it). When
-  the writer pauses, or slows to commits more than 1.5 builds apart, that build lands current and
-  ends the backoff: the index is current again within half a build plus one build of the last
-  commit. A writer whose commits come between half a build and 1.5 builds apart gets one build per
-  commit that still lands stale; it serves the requests that were waiting for it (they looked
-  before it began), so its CPU is not lost, and a faster writer gets none.
+- **Recover** (Policy.may_start). While backing off, a build starts when the database has not
+  changed for _QUIET_BUILDS of a build's time (the writer paused: a request that sees the stale
+  state starts it, it lands current and ends the backoff, so the index is current again within half
+  a build plus one build of the last commit), or when the writer's commits now come more than
+  _SLOWER builds apart (an EWMA of the intervals between the states requests see): a build started
+  at a commit then lands before the next one. A build that still lands stale serves every request
+  that waited for it (they looked before it began), so its CPU is not lost.
 
 Exactness does not depend on any of this: a view serves a request only when its stamp is the state
 the request read or its build drew its ticket after the request's (service.py, catchup.py). The
@@ -46,9 +46,12 @@ from .db import BUSY_TIMEOUT
 
 _EWMA = 0.125  # weight of the newest fallback time in the mean: about the last 8 answers (RFC 6298's alpha)
 _EWMA_DEV = 0.25  # weight of the newest deviation from it (RFC 6298's beta)
-_DEV_K = 2  # mean deviations added to the mean: about SQLite's 90th-95th percentile answer time
+_DEV_K = 4  # mean deviations added to the mean: RFC 6298's K, a time few answers exceed (p99 is the target)
 _STALE_ENTER = 2  # builds landing stale in a row that start a backoff (one is chance, two are a writer's rate)
-_QUIET_BUILDS = 0.5  # while backing off, a build starts once no commit was seen for this share of a build
+_QUIET_BUILDS = 0.5  # while backing off, a build starts once no commit was seen for this share of a build,
+_SLOWER = 1.5  # or when commits come this many builds apart (a build waited for takes about its CPU time;
+# the margin is for the cores it shares with the writer and other processes)
+_EWMA_INTERVAL = 0.25  # weight of the newest interval between two commits seen
 _RECENT = 4  # builds whose shortest time is the estimate of the next build's
 
 
@@ -56,7 +59,7 @@ class Policy:
     """The estimates and the backoff state of one service. Each method is O(1) and thread-safe."""
 
     def __init__(self):
-        # protects: _fallback, _deviation, _builds, _stale_run, _backing_off, _changed_at and the counters below
+        # protects: _fallback, _deviation, _builds, _stale_run, _backing_off, _changed_at, _interval, _counts
         self._lock = threading.Lock()
         self._fallback = None  # EWMA of a fallback answer's wall time (s), None until one was measured
         self._deviation = 0.0  # EWMA of |answer time - _fallback| (s)
@@ -64,6 +67,7 @@ class Policy:
         self._stale_run = 0  # builds in a row that landed stale
         self._backing_off = False
         self._changed_at = 0.0  # monotonic time a commit not yet built was first seen
+        self._interval = None  # EWMA of the time between two such commits (s)
         self._counts = {"build_waits": 0, "backoffs": 0}  # requests that waited and got a view; backoffs begun
 
     def note_fallback(self, seconds):
@@ -94,8 +98,12 @@ class Policy:
 
     def note_change(self):
         """A request saw a state no build has read (a commit). The caller holds the service's lock."""
+        now = time.monotonic()
         with self._lock:
-            self._changed_at = time.monotonic()
+            if self._changed_at:
+                gap, old = now - self._changed_at, self._interval
+                self._interval = gap if old is None else old + _EWMA_INTERVAL * (gap - old)
+            self._changed_at = now
 
     def landed(self, stale):
         """A background build was published; `stale`: a commit had already arrived (no change log)."""
@@ -115,20 +123,22 @@ class Policy:
             if not self._backing_off:
                 return True
             build = min(self._builds) if self._builds else default
-            return time.monotonic() - self._changed_at >= _QUIET_BUILDS * build
+            slower = self._interval is not None and self._interval >= _SLOWER * build
+            return slower or time.monotonic() - self._changed_at >= _QUIET_BUILDS * build
 
     def waited(self):
         with self._lock:
             self._counts["build_waits"] += 1
 
     def stats(self):
-        """build_waits, backoffs (counters), backing_off (the state now), fallback_ms and build_cpu_ms (the
-        estimates, None before any was measured)."""
+        """build_waits, backoffs (counters), backing_off (the state now), fallback_ms, build_cpu_ms and
+        commit_interval_ms (the estimates, None before any was measured)."""
         with self._lock:
             out = dict(self._counts)
             out["backing_off"] = self._backing_off
             out["fallback_ms"] = None if self._fallback is None else (self._fallback + _DEV_K * self._deviation) * 1e3
             out["build_cpu_ms"] = min(self._builds) * 1e3 if self._builds else None
+            out["commit_interval_ms"] = None if self._interval is None else self._interval * 1e3
         return out
 
 

@@ -138,60 +138,87 @@ class Branches(LiveCase):
                 self.assert_same_as_baseline(data, service, rng, f"{mode}: answered by SQLite meanwhile")
                 settle(service)
 
-    def test_back_off_from_a_faster_writer_then_recover(self):
-        """Every build lands stale (a commit while it reads): after two, no build starts while the
-        writer keeps committing, SQLite answers exactly; the writer stops: one build, current again."""
+    def _back_off(self, mode, data):
+        """A service backing off from a writer faster than its builds (every build lands stale: the
+        build thread commits once more before it publishes). Checks each answer on the way, then that
+        while backing off no build starts as the writer goes on and SQLite answers exactly.
+        Returns (service, commit, builds published)."""
+        service, created = self._service(data, mode)
+        rng = random.Random(mode)
+        k, writing = [created], threading.Lock()  # writing: protects k, the newest created_at committed
+
+        def commit():  # from this thread and from the build thread
+            with writing:
+                k[0] += 1
+                append_events(data.db, data.payloads, [(k[0], 3, "UPDATE")])
+
+        def newest_is_fresh():
+            """A request's newest event: at least the newest committed before it began, at most the
+            newest committed by its end (the build thread may commit meanwhile)."""
+            before = k[0]
+            got = service.execute(NEWEST)["events"][0]["created_at"]
+            self.assertTrue(before <= got <= k[0], (before, got, k[0]))
+        with wrapped_build(commit), mock.patch.object(policy_module, "_QUIET_BUILDS", 10 ** 6), \
+                mock.patch.object(policy_module, "_SLOWER", 10 ** 6):
+            for i in range(40):
+                commit()
+                newest_is_fresh()
+                settle(service)
+                if service.stats()["backing_off"]:
+                    break
+            stats = service.stats()
+            self.assertTrue(stats["backing_off"], stats)
+            self.assertEqual(stats["backoffs"], 1, stats)
+            self.assertGreaterEqual(stats["stale_rebuilds"], policy_module._STALE_ENTER, stats)
+            builds = stats["background_rebuilds"]
+            for i in range(20):  # backing off: the writer goes on, no build starts, SQLite answers
+                commit()
+                newest_is_fresh()
+                self.assertFalse(service.stats()["rebuilding"])
+            self.assert_same_as_baseline(data, service, rng, f"{mode}: backing off")
+            stats = service.stats()
+            self.assertEqual(stats["background_rebuilds"], builds, stats)
+            self.assertTrue(stats["backing_off"], stats)
+        return service, commit, builds
+
+    def _recovered(self, mode, data, service, builds):
+        """The backoff ended after one build, and the index answers exactly again."""
+        stats = service.stats()
+        self.assertFalse(stats["backing_off"], stats)
+        self.assertEqual(stats["background_rebuilds"], builds + 1, stats)  # one build
+        fallbacks = stats["fallback_answers"]
+        self.assert_same_as_baseline(data, service, random.Random(mode), f"{mode}: recovered")
+        self.assertEqual(service.stats()["fallback_answers"], fallbacks, "not answered from the index")
+
+    def test_back_off_then_recover_when_the_writer_pauses(self):
+        """Once quiet for half a build, a request starts one; it lands current (the commit interval
+        alone would never start one here)."""
         for mode in MODES:
             with self.subTest(mode=mode), DataCopy(rows=2000) as data, quiet(), \
                     mock.patch.object(policy_module.Policy, "fallback_estimate", lambda self: 0.0):
-                service, created = self._service(data, mode)
-                rng = random.Random(mode)
-                k, writing = [created], threading.Lock()  # writing: protects k, the newest created_at committed
+                service, commit, builds = self._back_off(mode, data)
+                with mock.patch.object(policy_module, "_SLOWER", 10 ** 6):
+                    deadline = time.monotonic() + 10
+                    while service.stats()["backing_off"] and time.monotonic() < deadline:
+                        service.execute(NEWEST)
+                        time.sleep(0.01)
+                self._recovered(mode, data, service, builds)
 
-                def commit():  # from this thread and from the build thread
-                    with writing:
-                        k[0] += 1
-                        append_events(data.db, data.payloads, [(k[0], 3, "UPDATE")])
-
-                def newest_is_fresh():
-                    """A request's newest event: at least the newest committed before it began, at
-                    most the newest committed by its end (the build thread may commit meanwhile)."""
-                    before = k[0]
-                    got = service.execute(NEWEST)["events"][0]["created_at"]
-                    self.assertTrue(before <= got <= k[0], (before, got, k[0]))
-                # a writer faster than the builds: each build sees another commit land before it publishes
-                with wrapped_build(commit), mock.patch.object(policy_module, "_QUIET_BUILDS", 10 ** 6):
-                    for i in range(40):
+    def test_back_off_then_recover_when_the_writer_slows(self):
+        """Commits now further apart than _SLOWER builds: the build starts at a commit, never waiting
+        for quiet, and lands current."""
+        for mode in MODES:
+            with self.subTest(mode=mode), DataCopy(rows=2000) as data, quiet(), \
+                    mock.patch.object(policy_module.Policy, "fallback_estimate", lambda self: 0.0):
+                service, commit, builds = self._back_off(mode, data)
+                with mock.patch.object(policy_module, "_QUIET_BUILDS", 10 ** 6):
+                    deadline = time.monotonic() + 10
+                    while service.stats()["backing_off"] and time.monotonic() < deadline:
+                        time.sleep(0.1)  # slower than builds of 2,000 rows, many times over
                         commit()
-                        newest_is_fresh()
+                        service.execute(NEWEST)
                         settle(service)
-                        if service.stats()["backing_off"]:
-                            break
-                    stats = service.stats()
-                    self.assertTrue(stats["backing_off"], stats)
-                    self.assertEqual(stats["backoffs"], 1, stats)
-                    self.assertGreaterEqual(stats["stale_rebuilds"], policy_module._STALE_ENTER, stats)
-                    builds = stats["background_rebuilds"]
-                    for i in range(20):  # backing off: the writer goes on, no build starts, SQLite answers
-                        commit()
-                        newest_is_fresh()
-                        self.assertFalse(service.stats()["rebuilding"])
-                    self.assert_same_as_baseline(data, service, rng, f"{mode}: backing off")
-                    stats = service.stats()
-                    self.assertEqual(stats["background_rebuilds"], builds, stats)
-                    self.assertTrue(stats["backing_off"], stats)
-                # the writer pauses: once quiet for half a build, a request starts one; it lands current
-                deadline = time.monotonic() + 10
-                while service.stats()["backing_off"] and time.monotonic() < deadline:
-                    service.execute(NEWEST)
-                    time.sleep(0.01)
-                stats = service.stats()
-                self.assertFalse(stats["backing_off"], stats)
-                self.assertEqual(stats["background_rebuilds"], builds + 1, stats)  # one build
-                fallbacks = stats["fallback_answers"]
-                self.assert_same_as_baseline(data, service, rng, f"{mode}: recovered")
-                self.assertEqual(service.stats()["fallback_answers"], fallbacks, "not answered from the index")
-
+                self._recovered(mode, data, service, builds)
 
 if __name__ == "__main__":
     unittest.main()
