@@ -24,12 +24,14 @@ one place:
   is never current. SQLite answers meanwhile. The first build that lands current ends the backoff
   (hysteresis: one stale landing is bad luck, two in a row a rate).
 - **Recover** (Policy.may_start). While backing off, a build starts when the database has not
-  changed for _QUIET_BUILDS of a build's time (the writer paused: a request that sees the stale
-  state starts it, it lands current and ends the backoff, so the index is current again within half
-  a build plus one build of the last commit), or when the writer's commits now come more than
-  _SLOWER builds apart (an EWMA of the intervals between the states requests see): a build started
-  at a commit then lands before the next one. A build that still lands stale serves every request
-  that waited for it (they looked before it began), so its CPU is not lost.
+  changed for _QUIET_BUILDS of a build's time, doubled for each build of this backoff that still
+  landed stale (at most 2**_QUIET_DOUBLINGS times: a writer that only hiccups, its process
+  descheduled for a moment, does not buy a build per hiccup), so when the writer pauses the index
+  is current again within half a build to two builds of quiet plus one build; or when the writer's
+  commits now come more than _SLOWER builds apart (an EWMA of the intervals between the states
+  requests see): a build started at a commit then lands before the next one. The first build that
+  lands current ends the backoff. A build that still lands stale serves every request that waited
+  for it (they looked before it began), so its CPU is not lost.
 
 Exactness does not depend on any of this: a view serves a request only when its stamp is the state
 the request read or its build drew its ticket after the request's (service.py, catchup.py). The
@@ -48,7 +50,8 @@ _EWMA = 0.125  # weight of the newest fallback time in the mean: about the last 
 _EWMA_DEV = 0.25  # weight of the newest deviation from it (RFC 6298's beta)
 _DEV_K = 4  # mean deviations added to the mean: RFC 6298's K, a time few answers exceed (p99 is the target)
 _STALE_ENTER = 2  # builds landing stale in a row that start a backoff (one is chance, two are a writer's rate)
-_QUIET_BUILDS = 0.5  # while backing off, a build starts once no commit was seen for this share of a build,
+_QUIET_BUILDS = 0.5  # while backing off, a build starts once no commit was seen for this share of a build
+_QUIET_DOUBLINGS = 2  # (doubled per build of this backoff that landed stale, at most 4 times: 2 builds' time),
 _SLOWER = 1.5  # or when commits come this many builds apart (a build waited for takes about its CPU time;
 # the margin is for the cores it shares with the writer and other processes)
 _EWMA_INTERVAL = 0.25  # weight of the newest interval between two commits seen
@@ -124,7 +127,8 @@ class Policy:
                 return True
             build = min(self._builds) if self._builds else default
             slower = self._interval is not None and self._interval >= _SLOWER * build
-            return slower or time.monotonic() - self._changed_at >= _QUIET_BUILDS * build
+            quiet = _QUIET_BUILDS * build * (1 << min(self._stale_run - _STALE_ENTER, _QUIET_DOUBLINGS))
+            return slower or time.monotonic() - self._changed_at >= quiet
 
     def waited(self):
         with self._lock:
