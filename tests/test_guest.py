@@ -16,7 +16,7 @@ from unittest import mock
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
-from enhanced_audit import catchup, changelog, policy
+from enhanced_audit import catchup, changelog, policy, rebuild
 from enhanced_audit.db import Database
 from enhanced_audit.fileio import choose_io
 from tests.support import DataCopy, append_events, baseline_answer, outcome
