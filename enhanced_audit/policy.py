@@ -12,7 +12,10 @@ one place:
   their mean plus _DEV_K mean deviations (both EWMAs of the wall time of fallback answers, the
   estimator TCP uses for its retransmission timeout, RFC 6298), so a wait is compared with what a
   fallback costs near its own tail, where p99 is judged. It then waits at most that long and asks
-  SQLite after. With no fallback measured yet, SQLite answers (and so measures one). A build's time is its
+  SQLite after. Before any fallback was measured the budget is two builds' time: at 500,000 rows a
+  cold start that sent eight threads to SQLite at once (about a second each there) slowed the build
+  past the next commit, and the service never became current (measured: 10 RPS at 1 commit/s, the
+  baseline's own figure). The first backoff makes SQLite answer, and so measures it. A build's time is its
   CPU time (time.thread_time of the build thread, the shortest of the last _RECENT): a build that
   requests wait for has a core to itself (a waiting thread uses no CPU), so its wall time is about its
   CPU time, while one that runs beside fallback answers takes several times longer; taking that
@@ -170,8 +173,8 @@ def await_build(service, ticket, now):
             if rebuilder.running():
                 if deadline is None:
                     budget = policy.fallback_estimate()
-                    if budget is None:
-                        return None  # nothing measured yet: SQLite answers, and that answer is measured
+                    if budget is None:  # nothing measured yet: two builds' time (module docstring)
+                        budget = 2 * policy.build_estimate(rebuilder.build_seconds)
                     deadline = arrived + min(budget, BUSY_TIMEOUT)
                 left = deadline - time.monotonic()
                 if left <= 0 or rebuilder.expected_end(ticket) > deadline:
