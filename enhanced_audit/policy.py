@@ -12,10 +12,11 @@ one place:
   their mean plus _DEV_K mean deviations (both EWMAs of the wall time of fallback answers, the
   estimator TCP uses for its retransmission timeout, RFC 6298), so a wait is compared with what a
   fallback costs near its own tail, where p99 is judged. It then waits at most that long and asks
-  SQLite after. Before any fallback was measured the budget is two builds' time: at 500,000 rows a
-  cold start that sent eight threads to SQLite at once (about a second each there) slowed the build
-  past the next commit, and the service never became current (measured: 10 RPS at 1 commit/s, the
-  baseline's own figure). The first backoff makes SQLite answer, and so measures it. A build's time is its
+  SQLite after. Before any fallback was measured, one stale request at a time is sent to SQLite to
+  measure it (Policy.probe) and the others may wait two builds' time: at 500,000 rows a cold start
+  that sent eight threads to SQLite at once (about a second each there) slowed the build past the
+  next commit, and the service never became current (measured: 10 RPS at 1 commit/s, the baseline's
+  own figure); and without the probe a service whose builds keep up would never measure SQLite. A build's time is its
   CPU time (time.thread_time of the build thread, the shortest of the last _RECENT): a build that
   requests wait for has a core to itself (a waiting thread uses no CPU), so its wall time is about its
   CPU time, while one that runs beside fallback answers takes several times longer; taking that
@@ -65,7 +66,7 @@ class Policy:
     """The estimates and the backoff state of one service. Each method is O(1) and thread-safe."""
 
     def __init__(self):
-        # protects: _fallback, _deviation, _builds, _stale_run, _backing_off, _changed_at, _interval, _counts
+        # protects: _fallback, _deviation, _probing, _builds, _stale_run, _backing_off, _changed_at, _interval, _counts
         self._lock = threading.Lock()
         self._fallback = None  # EWMA of a fallback answer's wall time (s), None until one was measured
         self._deviation = 0.0  # EWMA of |answer time - _fallback| (s)
@@ -74,12 +75,14 @@ class Policy:
         self._backing_off = False
         self._changed_at = 0.0  # monotonic time a commit not yet built was first seen
         self._interval = None  # EWMA of the time between two such commits (s)
+        self._probing = False  # a request is measuring SQLite while no estimate exists
         self._counts = {"build_waits": 0, "backoffs": 0}  # requests that waited and got a view; backoffs begun
 
     def note_fallback(self, seconds):
         """Record one answer from SQLite that took `seconds` of wall time."""
         with self._lock:
             old = self._fallback
+            self._probing = False
             if old is None:
                 self._fallback, self._deviation = seconds, seconds / 2  # RFC 6298's first measurement
             else:
@@ -91,6 +94,15 @@ class Policy:
         before any was measured."""
         with self._lock:
             return None if self._fallback is None else self._fallback + _DEV_K * self._deviation
+
+    def probe(self):
+        """True for one caller at a time while no fallback was measured: it asks SQLite, and its
+        answer (note_fallback) is the first measurement."""
+        with self._lock:
+            if self._fallback is not None or self._probing:
+                return False
+            self._probing = True
+            return True
 
     def note_build(self, seconds):
         """Record one background build's CPU time."""
@@ -173,7 +185,9 @@ def await_build(service, ticket, now):
             if rebuilder.running():
                 if deadline is None:
                     budget = policy.fallback_estimate()
-                    if budget is None:  # nothing measured yet: two builds' time (module docstring)
+                    if budget is None:  # nothing measured yet (module docstring)
+                        if policy.probe():
+                            return None  # this request measures SQLite
                         budget = 2 * policy.build_estimate(rebuilder.build_seconds)
                     deadline = arrived + min(budget, BUSY_TIMEOUT)
                 left = deadline - time.monotonic()

@@ -50,6 +50,11 @@ class PolicyUnit(unittest.TestCase):
     def test_estimates_and_hysteresis(self):
         p = policy_module.Policy()
         self.assertIsNone(p.fallback_estimate())
+        self.assertTrue(p.probe())  # no estimate: one request at a time measures SQLite
+        self.assertFalse(p.probe())
+        p.note_fallback(0.010)
+        self.assertFalse(p.probe())  # measured: no more probes
+        p = policy_module.Policy()
         p.note_fallback(0.010)  # RFC 6298's first measurement: mean 10 ms, deviation 5 ms
         self.assertAlmostEqual(p.fallback_estimate(), 0.010 + policy_module._DEV_K * 0.005)
         p.note_fallback(0.010)
