@@ -1,5 +1,13 @@
 """Readers through runner.run while another process writes: baseline, enhanced with and without the change log.
 
+The matrix: sizes (50k, 500k rows) x journal modes (rollback, WAL) x writers (none; 1, 10, 100, 300
+single-row commits/s; 100 rows a commit at 10 commits/s; a retention delete) x implementations (the
+baseline, the service with and without the change log), on the contract's draws; and pages that hold
+events (`--workloads pages`: the whole range, pages 1..100) with no writer and at 10 commits/s. Every cell
+is printed with its per-round figures, then the medians and the issue's targets. `--quick` is the subset
+that runs in under 10 minutes (50k rows, both modes, no writer, 10 and 100 commits/s, all three
+implementations, pages at 10 commits/s, 3 s a run, 3 rounds).
+
 `--impls enhanced+log,enhanced+log:module` is the A/B of capi.py: the same service with catch-ups read
 through the sqlite3 module (capi.ENABLED = False) instead of SQLite's C API. `--impls ...,idle` adds runs
 with the writer alone (no readers), the reference for the writer's commit latency under readers.
@@ -29,11 +37,14 @@ from tests.support import baseline_paths, timed
 LIVE = os.path.join(ROOT, "data", "live")
 SIZES = {"50k": 50_000, "500k": 500_000}
 MODES = {"rollback": "DELETE", "wal": "WAL"}
-WRITERS = ("none", "rate1", "rate10", "rate100", "batch100", "retention")
+WRITERS = ("none", "rate1", "rate10", "rate100", "rate300", "batch100", "retention")
+WORKLOADS = ("contract", "pages")  # the contract's draws; pages that hold events (no writer and rate10 only)
+PAGES_WRITERS = ("none", "rate10")
 IMPLS = ("baseline", "enhanced+log", "enhanced")  # the default matrix
 MODULE_ONLY = "enhanced+log:module"  # the change log, catch-ups through the sqlite3 module (capi.py's A/B)
 IDLE = "idle"  # no readers: the writer's own commit latency, what readers add to it is the cost to the writer
-PATTERNS = {"rate1": (1, 1), "rate10": (10, 1), "rate100": (100, 1), "batch100": (10, 100), "retention": (10, 1)}
+PATTERNS = {"rate1": (1, 1), "rate10": (10, 1), "rate100": (100, 1), "rate300": (300, 1), "batch100": (10, 100),
+            "retention": (10, 1)}
 RETENTION_AT = 1.0  # s after the writer starts: the readers (started at 0.5 s) are running when the delete lands
 RUN = os.path.join(LIVE, f"run-{os.getpid()}")  # per invocation: two invocations never share scratch files
 
@@ -165,12 +176,32 @@ def read_for(load_fn, seconds, concurrency):
             "p99_ms": pct(ordered, 0.99), "p999_ms": pct(ordered, 0.999), "max_ms": ordered[-1]}
 
 
-def measure(size, mode, pattern, impl, seconds, concurrency):
+@contextlib.contextmanager
+def workload(name, db):
+    """The baseline module's _pick_query for the duration: its own (contract) or pages that hold events
+    (the whole range up to a day past now, so the writer's new events are on the first pages; pages 1..100).
+    Both implementations draw through baseline._pick_query at call time."""
+    if name == "contract":
+        yield
+        return
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        lo, hi = conn.execute("SELECT min(created_at), max(created_at) FROM audit_events").fetchone()
+    hi = max(hi, int(time.time()) + 86400)
+    rng = random.Random(7)
+    saved = baseline._pick_query
+    baseline._pick_query = lambda: baseline.Query(lo, hi, None, None, rng.randint(1, 100), rng.choice([10, 20, 50]))
+    try:
+        yield
+    finally:
+        baseline._pick_query = saved
+
+
+def measure(size, mode, pattern, impl, seconds, concurrency, load="contract"):
     folder = fresh_copy(size, mode, impl in ("enhanced+log", MODULE_ONLY))
     db, payloads = os.path.join(folder, "audit.db"), os.path.join(folder, "payloads.jsonl")
-    row = {"size": size, "mode": mode, "writer": pattern, "impl": impl}
+    row = {"size": size, "mode": mode, "writer": pattern, "impl": impl, "load": load}
     try:
-        with baseline_paths(db, payloads):
+        with baseline_paths(db, payloads), workload(load, db):
             if impl == IDLE:
                 row.update(requests=0, rps=float("nan"), p50_ms=float("nan"), p99_ms=float("nan"),
                            p999_ms=float("nan"), max_ms=float("nan"))
@@ -193,8 +224,10 @@ def measure(size, mode, pattern, impl, seconds, concurrency):
                     after = service.stats()
                 if impl == "enhanced+log" and capi.available() and after["refreshes"] and not after["capi"]:
                     print(f"  note: {size} {mode} {pattern}: catch-ups ran through the sqlite3 module", file=sys.stderr)
-                stats = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
-                row.update(refreshes=stats["refreshes"], rebuilds=stats["full_rebuilds"],
+                stats = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))
+                         and isinstance(before[k], (int, float)) and not isinstance(after[k], bool)}
+                row.update(refreshes=stats["refreshes"], rebuilds=stats["full_rebuilds"], waits=stats["build_waits"],
+                           backoffs=stats["backoffs"], stale=stats["stale_rebuilds"],
                            builds=stats["background_rebuilds"],
                            build_ms=stats["rebuild_seconds"] / stats["background_rebuilds"] * 1e3
                            if stats["background_rebuilds"] else 0.0,
@@ -224,8 +257,16 @@ def writer_alone(size, seconds):
 # -- targets: each a ratio of two runs, checked against its limit --------------------------------
 
 def summarize(rows, alone):
-    by = {(r["size"], r["mode"], r["writer"], r["impl"]): r for r in rows}
     checks = []
+    for r in rows:  # pages that hold events: the service without the log against the baseline's same cell
+        if r.get("load") == "pages" and r["impl"] == "enhanced" and r["writer"] != "none":
+            base = [b for b in rows if b.get("load") == "pages" and b["impl"] == "baseline"
+                    and (b["size"], b["mode"], b["writer"]) == (r["size"], r["mode"], r["writer"])]
+            if base:
+                checks.append({"target": f"pages {r['size']} {r['mode']} {r['writer']} no log: rps / baseline rps",
+                               "value": r["rps"] / base[0]["rps"], "limit": ">= 1", "met": r["rps"] >= base[0]["rps"]})
+    rows = [r for r in rows if r.get("load", "contract") == "contract"]
+    by = {(r["size"], r["mode"], r["writer"], r["impl"]): r for r in rows}
 
     def check(name, value, limit, ok):
         checks.append({"target": name, "value": value, "limit": limit, "met": ok})
@@ -236,19 +277,22 @@ def summarize(rows, alone):
             continue
         r["rps_x"], r["p99_x"], r["p999_x"] = r["rps"] / none["rps"], r["p99_ms"] / none["p99_ms"], \
             r["p999_ms"] / none["p999_ms"]
-        if impl == "enhanced+log" and pattern in ("rate1", "rate10", "rate100"):
+        base = by.get((size, mode, pattern, "baseline"))
+        if impl == "enhanced+log" and pattern in ("rate1", "rate10", "rate100", "rate300"):
             tag = f"{size} {mode} {pattern} with log:"
             check(f"{tag} rps / no writer", r["rps_x"], ">= 0.8", r["rps_x"] >= 0.8)
             check(f"{tag} p99 / no writer", r["p99_x"], "<= 2", r["p99_x"] <= 2)
             check(f"{tag} p99.9 / no writer", r["p999_x"], "<= 3", r["p999_x"] <= 3)
+            if base:
+                check(f"{tag} rps / baseline rps", r["rps"] / base["rps"], ">= 1", r["rps"] >= base["rps"])
+                check(f"{tag} p99 / baseline p99", r["p99_ms"] / base["p99_ms"], "<= 1", r["p99_ms"] <= base["p99_ms"])
         if impl == "enhanced" and size == "50k" and pattern in ("rate1", "rate10"):
             tag = f"{size} {mode} {pattern} no log:"
             check(f"{tag} rps / no writer", r["rps_x"], ">= 0.5" if pattern == "rate1" else ">= 0.1",
                   r["rps_x"] >= (0.5 if pattern == "rate1" else 0.1))
             if pattern == "rate1":
                 check(f"{tag} p99 / no writer", r["p99_x"], "<= 5", r["p99_x"] <= 5)
-        base = by.get((size, mode, pattern, "baseline"))
-        if impl == "enhanced" and pattern in ("rate10", "rate100") and base:
+        if impl == "enhanced" and pattern != "retention" and base:  # every rate, both sizes and modes
             tag = f"{size} {mode} {pattern} no log:"
             check(f"{tag} rps / baseline rps", r["rps"] / base["rps"], ">= 1", r["rps"] >= base["rps"])
             check(f"{tag} p99 / baseline p99", r["p99_ms"] / base["p99_ms"], "<= 1", r["p99_ms"] <= base["p99_ms"])
@@ -276,12 +320,14 @@ def one_round(lists, args):
     rows, alone = [], {}
     for size in lists["sizes"]:
         for mode in lists["modes"]:
-            for pattern in lists["writers"]:
-                for impl in lists["impls"]:  # the implementations in turn, so drift hits all alike
-                    if impl == IDLE and pattern == "none":
-                        continue  # nothing to measure
-                    rows.append(measure(size, mode, pattern, impl, args.seconds, args.concurrency))
-                    print(f"  done: {size} {mode} {pattern} {impl}: {rows[-1]['rps']:.0f} rps", file=sys.stderr)
+            for load in lists["workloads"]:
+                for pattern in lists["writers"] if load == "contract" else PAGES_WRITERS:
+                    for impl in lists["impls"]:  # the implementations in turn, so drift hits all alike
+                        if (impl == IDLE and pattern == "none") or (load == "pages" and impl not in ("baseline", "enhanced")):
+                            continue  # nothing to measure; pages: the service without the log against the baseline
+                        rows.append(measure(size, mode, pattern, impl, args.seconds, args.concurrency, load))
+                        print(f"  done: {size} {mode} {load} {pattern} {impl}: {rows[-1]['rps']:.0f} rps, "
+                              f"p99 {rows[-1]['p99_ms']:.2f} ms", file=sys.stderr)
         if "wal" in lists["modes"] and "rate100" in lists["writers"]:
             alone[size] = writer_alone(size, args.seconds)
     return rows, alone, summarize(rows, alone)
@@ -316,19 +362,30 @@ def print_table(rows, args, what):
         for k in ("rps_x", "p99_x", "p999_x", "commits_per_s", "commit_p50_ms", "commit_p99_ms", "refresh_us", "lock_waits_pct",
                   "lock_wait_ms", "build_ms"):
             r.setdefault(k, float("nan"))
-        for k in ("rebuilds", "builds", "fallbacks"):
+        for k in ("rebuilds", "builds", "stale", "waits", "backoffs", "fallbacks"):
             r.setdefault(k, "")
     table(f"runner.run at concurrency {args.concurrency}, {args.seconds:g} s of requests a run; x: ratio to the "
           f"same size, mode and implementation with no writer; waits %: requests whose catch-up met a writer's "
           f"lock, wait ms: their mean wait for it; {what}", rows, [
-              ("size", "size", 5, ""), ("mode", "mode", 9, ""), ("writer", "writer", 10, ""), ("impl", "impl", 20, ""),
+              ("size", "size", 5, ""), ("mode", "mode", 9, ""), ("load", "load", 9, ""), ("writer", "writer", 10, ""),
+              ("impl", "impl", 13, ""),
               ("rps", "rps", 8, ".0f"), ("p50_ms", "p50 ms", 8, ".2f"), ("p99_ms", "p99 ms", 9, ".2f"),
               ("p999_ms", "p99.9 ms", 10, ".2f"), ("max_ms", "max ms", 9, ".1f"), ("rps_x", "rps x", 7, ".2f"),
               ("p99_x", "p99 x", 7, ".2f"), ("p999_x", "p99.9 x", 8, ".2f"), ("commits_per_s", "commit/s", 9, ".1f"),
               ("commit_p50_ms", "commit p50", 11, ".2f"), ("commit_p99_ms", "commit p99", 11, ".2f"), ("refresh_us", "refresh us", 11, ".0f"),
               ("lock_waits_pct", "waits %", 8, ".2f"), ("lock_wait_ms", "wait ms", 8, ".2f"),
-              ("rebuilds", "rebuilds", 9, ""), ("builds", "builds", 7, ""), ("build_ms", "build ms", 9, ".0f"),
+              ("rebuilds", "rebuilds", 9, ""), ("builds", "builds", 7, ""), ("stale", "stale", 6, ""),
+              ("build_ms", "build ms", 9, ".0f"), ("waits", "waits", 7, ""), ("backoffs", "backoffs", 9, ""),
               ("fallbacks", "fallbacks", 10, "")])
+
+
+def print_rounds(per_round):
+    """Every cell's per-round figures: rps, p99 and p99.9 of each round, in round order."""
+    print("\nper round (rps / p99 ms / p99.9 ms, rounds in order)")
+    for same in zip(*per_round):
+        r = same[0]
+        figures = "  ".join(f"{x['rps']:.0f}/{x['p99_ms']:.2f}/{x['p999_ms']:.2f}" for x in same)
+        print(f"  {r['size']:>5} {r['mode']:>8} {r.get('load', 'contract'):>8} {r['writer']:>9} {r['impl']:>13}  {figures}")
 
 
 def main():
@@ -338,9 +395,11 @@ def main():
     parser.add_argument("--modes", default="rollback,wal")
     parser.add_argument("--writers", default=",".join(WRITERS))
     parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--seconds", type=float, default=8.0, help="reader time per run")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 50k, 2 s, no writer and rate10")
+    parser.add_argument("--quick", action="store_true", help="the subset under 10 minutes: 50k, both modes, no writer, "
+                        "rate10 and rate100, pages at rate10, 3 s a run, 3 rounds")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the whole matrix; targets are then medians of the per-round ratios")
     parser.add_argument("--json", action="store_true")
@@ -349,9 +408,10 @@ def main():
         pattern, db, payloads, stop = args.writer
         return writer_main(db, payloads, pattern, stop)
     if args.quick:
-        args.sizes, args.writers, args.seconds = "50k", "none,rate10", 2.0
-    lists = {k: getattr(args, k).split(",") for k in ("sizes", "modes", "writers", "impls")}
-    for key, allowed in (("sizes", SIZES), ("modes", MODES), ("writers", WRITERS), ("impls", IMPLS + (MODULE_ONLY, IDLE))):
+        args.sizes, args.writers, args.impls, args.seconds, args.rounds = "50k", "none,rate10,rate100", ",".join(IMPLS), 3.0, 3
+    lists = {k: getattr(args, k).split(",") for k in ("sizes", "modes", "writers", "impls", "workloads")}
+    for key, allowed in (("sizes", SIZES), ("modes", MODES), ("writers", WRITERS), ("impls", IMPLS + (MODULE_ONLY, IDLE)),
+                         ("workloads", WORKLOADS)):
         bad = [v for v in lists[key] if v not in allowed]
         if bad:
             print(f"ERROR: --{key}: unknown {bad}; choose from {list(allowed)}", file=sys.stderr)
@@ -368,6 +428,7 @@ def main():
         emit_json({"rounds": rounds_json(rounds), "targets": checks})
         return 0
     if args.rounds > 1:
+        print_rounds([r[0] for r in rounds])
         rows = median_rows([r[0] for r in rounds])
     print_table(rows, args, f"medians of {args.rounds} rounds" if args.rounds > 1 else "this invocation")
     for size, report in alone.items():

@@ -15,6 +15,7 @@ of base rows; answers from SQLite and views body.py does not render are json.dum
 __all__ = ["page", "keyset"]
 
 import json
+import time
 
 from . import body as bodies
 from . import cursor as cursors
@@ -30,9 +31,10 @@ def page(service, query, as_body):
     from_ts, to_ts, actor_id, action, page, page_size, echo = parse(query)
     view = service._fresh_view()
     if view is None or view.base is None:  # stale or unindexable: SQLite answers, the baseline's query
+        started = time.perf_counter()
         rows = service._db.query(PAGE_SQL, (from_ts, to_ts, actor_id, actor_id, action, action, page_size,
                                             (page - 1) * page_size))
-        found = _from_rows(service, rows)
+        found = _from_rows(service, rows, started)
         return _dumped({"query": echo, "events": found, "count": len(found)}, as_body)
     items, _ = select(view, from_ts, to_ts, actor_id, action, (page - 1) * page_size, page_size)
     count = len(items)  # taken before: no call may follow the page's one pass (events.py)
@@ -59,11 +61,11 @@ def keyset(service, from_ts, to_ts, actor_id, action, page_size, cursor, as_body
     view = service._fresh_view()
     if view is None or view.base is None or (after is not None and type(after[0]) is not int):
         # stale or unindexable (or a cursor on a REAL created_at): the same keyset page from SQLite
-        sql, args = KEYSET_SQL, [from_ts, to_ts, actor_id, actor_id, action, action]
+        sql, args, started = KEYSET_SQL, [from_ts, to_ts, actor_id, actor_id, action, action], time.perf_counter()
         if after is not None:
             sql, args = KEYSET_AFTER_SQL, args + [after[0], after[0], after[1]]
         rows = service._db.query(sql, args + [page_size + 1])
-        found = _from_rows(service, rows[:page_size])
+        found = _from_rows(service, rows[:page_size], started)
         last = rows[page_size - 1] if len(rows) > page_size else None
         next_cursor = None if last is None else cursors.encode(service._cursor_key, last[1], last[0], filters)
         return _dumped({"events": found, "count": len(found), "next_cursor": next_cursor}, as_body)
@@ -92,6 +94,9 @@ def _dumped(answer, as_body):
     return json.dumps(answer).encode() if as_body else answer
 
 
-def _from_rows(service, rows):
+def _from_rows(service, rows, started):
+    """An answer's events from SQLite's rows; its wall time since `started` feeds policy.py's estimate."""
     service._stats["fallback_answers"] += 1  # a statistic: a lost increment under a race is harmless
-    return events.from_rows(rows, service._payload.reader(), service._payload_path) if rows else []
+    found = events.from_rows(rows, service._payload.reader(), service._payload_path) if rows else []
+    service._rebuilder.policy.note_fallback(time.perf_counter() - started)
+    return found

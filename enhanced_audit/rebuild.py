@@ -1,16 +1,15 @@
-"""The background rebuild policy: when a view cannot be caught up from a change log, or its delta has
-grown, a build runs on one thread. Requests on the stale view wait for the build that covers them
-(service.py, _await_build) for at most wait_limit(), then SQLite answers them.
+"""Background builds: when a view cannot be caught up from a change log, or its delta has grown, a
+build runs on one thread. When a stale request waits for one, and when builds back off from a writer
+that outpaces them, is policy.py's.
 
-- At once: a build starts as soon as a request finds the view stale, with no wait for the writes to
-  pause. Without a change log it reads the column image (image.py) in one read transaction and hands
+- At once: a build starts as soon as a request finds the view stale (unless policy.py backs off). Without a change log it reads the column image (image.py) in one read transaction and hands
   the view it replaces to build.py, which keeps that view's base and applies the changed rows to its
   delta (a verification that finds no change keeps base and delta as they are).
 - One at a time. A build that read a consistent state is published when it is newer than the current
   view, even if a commit landed meanwhile: its stamp is its own state, so the next request sees the
   probe differ and starts the next build.
-- Backoff only for failures and for data the index cannot hold: such a build is retried after
-  2**k times its duration (k the failures in a row, at most _BACKOFF_MAX).
+- Failures and data the index cannot hold: such a build is retried after 2**k times its duration
+  (k the failures in a row, at most _BACKOFF_MAX). Builds that land stale: policy.py.
 - Failures are logged as warnings (rate-limited): a service stuck on SQL answers says so.
 """
 
@@ -22,13 +21,13 @@ import time
 
 from . import forks
 from .build import Retry, build
-from .db import BUSY_TIMEOUT
+from .catchup import refresh
+from .policy import Policy
 
 log = logging.getLogger("enhanced_audit_log_service")
 
 _BACKOFF_MAX = 4  # builds that keep failing or meeting unindexable data wait up to 2**4 times their duration
 _MAX_RETRIES = 10  # reads that found another file at the path before this build gives up until the next request
-_WAIT_MIN = 0.02  # seconds a stale request waits for a build at least
 _WARN_EVERY = 300.0  # seconds between two warnings of one kind
 
 
@@ -54,6 +53,10 @@ class Rebuilder:
         self.thread = None  # the running build thread, or None
         self._not_before = 0.0  # monotonic time before which no build starts (backoff after a bad build)
         self.build_seconds = 0.0  # how long the last build took (init's included)
+        # (monotonic start, a ticket drawn before the build draws its own) of the running build; one
+        # tuple replaced whole under the service's lock, so a reader without it sees one build's pair
+        self.since = (0.0, 0)
+        self.policy = Policy()
         self.odd_builds = 0  # builds in a row that failed or met a value the index cannot hold
         self._unlogged_starts = 0  # builds started for want of a change log
 
@@ -67,19 +70,27 @@ class Rebuilder:
         thread = self.thread
         return thread is not None and thread.is_alive()
 
-    def wait_limit(self):
-        """Seconds a stale request waits for builds before SQLite answers it: two builds' time (the
-        one running may have begun before the request's commit), at least _WAIT_MIN, at most the
-        baseline's busy timeout."""
-        return min(BUSY_TIMEOUT, max(_WAIT_MIN, 2 * self.build_seconds))
+    def expected_end(self, ticket):
+        """Monotonic time the running build is expected to publish a view serving a request that drew
+        `ticket`: its start plus the last build's duration, or plus two when it began before that
+        request looked (then only the next build serves it). An estimate (`since` and `build_seconds`
+        read without the lock: one object each, never torn; a stale value moves an estimate, not an answer)."""
+        started, floor = self.since
+        return started + self.policy.build_estimate(self.build_seconds) * (1 if floor > ticket else 2)
 
-    def start(self, compaction=False):
-        """Start a build unless one runs or a backoff is pending. The caller holds the service's lock.
+    def start(self, compaction=False, changed=False):
+        """Start a build unless one runs, a backoff is pending or policy.py backs off from the writer;
+        True when a build runs now. The caller holds the service's lock.
 
         `compaction`: fold a change-log view's delta into a new base (a full read); otherwise the
-        build reads the current state and keeps what it can of the current view."""
-        if not self.due():
-            return
+        build reads the current state and keeps what it can of the current view. `changed`: the
+        caller saw a new state (a commit), which policy.py times its recovery from."""
+        if changed:
+            self.policy.note_change()
+        if self.running():
+            return True
+        if not self.due() or not (compaction or self.policy.may_start(self.build_seconds)):
+            return False
         view = self._service._view
         if not compaction and view is not None and view.seq is None:
             self._unlogged_starts += 1
@@ -89,8 +100,10 @@ class Rebuilder:
                     "no-log", "%s keeps changing and has no change log: each change costs a read of the whole "
                     "table, and requests are answered by SQLite until it is done. Install it with: python3 "
                     "enhanced_audit_log_service.py install-change-log %s", path, path)
+        self.since = (time.monotonic(), self._service._next_ticket())
         self.thread = threading.Thread(target=self._run, args=(compaction,), name="audit-index-rebuild", daemon=True)
         self.thread.start()
+        return True
 
     def join(self):
         thread = self.thread
@@ -107,7 +120,7 @@ class Rebuilder:
                     if service._closed:
                         return
                     previous = None if compaction else service._view
-                build_started = time.monotonic()
+                build_started, cpu_started = time.monotonic(), time.thread_time()
                 # one unit of SQLite work from the read to the publication: a fork between the two
                 # would close the kept connection whose -shm file the new view's probe reads
                 with forks.sqlite_section():
@@ -116,8 +129,8 @@ class Rebuilder:
                     except Retry:
                         continue  # another file came to the path while we read: read it
                     good = problem is None
-                    self._note_build(build_started, problem)
-                    service._publish_built(view)
+                    self._note_build(build_started, cpu_started, problem)
+                    self._publish(view)
                 return
         except Exception as exc:  # the next request retries, and raises the error itself if it persists
             service._warnings.warn("rebuild-failed", "%s: background index rebuild failed (%s: %s); "
@@ -136,10 +149,38 @@ class Rebuilder:
             with service._built:  # requests waiting for this build look at the view again
                 service._built.notify_all()
 
-    def _note_build(self, started, problem):
+    def _note_build(self, started, cpu_started, problem):
         service = self._service
         with service._lock:
             self.build_seconds = time.monotonic() - started
             service._stats["rebuild_seconds"] += self.build_seconds
+        self.policy.note_build(time.thread_time() - cpu_started)  # its CPU time: policy.py says why
         if problem is not None:
             service._warn_unindexable(problem)
+
+    def _publish(self, view):
+        """Publish a background build, caught up from the log first when there is one; when it is newer
+        than the current view, even if a commit landed while it read (the next request sees that)."""
+        service = self._service
+        with forks.sqlite_section(), service._lock:
+            current = service._view
+            if view.base is None or current is None or view.base is not current.base:
+                service._stats["full_rebuilds"] += 1  # a new base; not a build that kept the current one
+            if service._closed:
+                return
+            if view.base is None and current is not None and current.base is not None and (
+                    service._probe_now(current) == current.stamp):
+                return  # a compaction met a value the index cannot hold: the current view is still exact
+            if view.seq is not None:  # changes logged while we read: applied before publishing
+                try:
+                    got = refresh(service._db, service._io, view, service._next_ticket())
+                except Exception:  # busy, say: published as it is and caught up by the next request
+                    got = None
+                view = got[0] if got is not None else view
+            if current is None or view.ticket > current.ticket:
+                service._view = view
+            service._stats["background_rebuilds"] += 1
+            stale = service._probe_now(service._view) != service._view.stamp
+            service._stats["stale_rebuilds"] += stale
+            service._stale = service._stale if stale else None
+            self.policy.landed(stale and service._view.seq is None)  # a writer faster than builds: policy.py

@@ -2,8 +2,9 @@
 
 Requests are answered by answers.py from the view _fresh_view() gives: the view, caught up from the
 change log (catchup.py) if a probe (probe.py, fileio.py) saw a commit since it was taken; a stale
-view (no change log) waits for the background build that covers it (rebuild.py, build.py), or,
-when none comes within about two builds' time, SQLite answers with the baseline's query (db.py).
+view (no change log) waits for the background build that covers it (rebuild.py, build.py) when
+that is expected sooner than SQLite's answer, else SQLite answers with the baseline's query (db.py);
+policy.py decides, and backs builds off from a writer they cannot keep up with.
 """
 
 __all__ = ["EnhancedAuditLogService", "ServiceClosed"]
@@ -18,10 +19,11 @@ import audit_log_service as _baseline
 
 from . import answers, forks
 from .build import build_for_init, data_version
-from .catchup import catch_up, refresh
+from .catchup import catch_up
 from .db import BUSY_TIMEOUT, Database, missing_db
 from .fileio import choose_io
 from .files import PayloadFile, open_descriptors
+from .policy import await_build
 from .query import path_arg
 from .rebuild import RateLimitedLog, Rebuilder
 
@@ -128,7 +130,8 @@ class EnhancedAuditLogService:
         """Counters since construction (refreshes, refresh_seconds, changes_applied, lock_waits,
         lock_wait_seconds: catchup.py; background_rebuilds: builds published from the background,
         rebuild_seconds: their time, stale_rebuilds: those already stale when published, full_rebuilds:
-        builds that made a new base, init's included; fallback_answers: answers from SQLite)
+        builds that made a new base, init's included; fallback_answers: answers from SQLite; policy.py's
+        build_waits, backoffs, backing_off, fallback_ms)
         and the state now: io, capi (catch-ups read through capi.py, which keeps the GIL), indexed (the
         view has an index), rebuilding (a background build runs), closed, sqlite_descriptors (the
         process-wide table of files.py)."""
@@ -141,6 +144,7 @@ class EnhancedAuditLogService:
         out["io"] = self._io.name
         out["capi"] = self._db.reader is not None
         out["sqlite_descriptors"] = open_descriptors()
+        out.update(self._rebuilder.policy.stats())
         return out
 
     def _check(self, payload_size=None):
@@ -192,40 +196,13 @@ class EnhancedAuditLogService:
             if now == view.stamp:
                 return view
             if now == self._stale:  # fast path: already known stale at this very state
-                return self._await_build(next(self._tickets), now)
+                return await_build(self, next(self._tickets), now)
         elif (self._db.file_id() == view.file_id and view.stamp[1] is not None and data_version(
                 self._db, view.file_id, time.monotonic() + BUSY_TIMEOUT) == view.stamp[1]):
             return view  # no file to read (io="seek", no -shm): PRAGMA data_version on the kept connection
         ticket = next(self._tickets)
         got = catch_up(self, ticket)
-        return got if got is not None else self._await_build(ticket, now)
-
-    def _await_build(self, ticket, now):
-        """The view a background build publishes for this request, or None (the caller asks SQLite).
-
-        A view serves the request when its stamp is `now`, the state the request read, or when its
-        build drew its ticket after `ticket` (it read a state later than the request's start). The
-        request waits, holding no lock, while a build runs, and starts the next one when the last
-        published view was stale again; for at most Rebuilder.wait_limit() (about two builds), and
-        not at all when no build can start (a backoff after a failed one)."""
-        deadline = time.monotonic() + self._rebuilder.wait_limit()
-        while True:
-            with self._built:
-                view = self._view
-                if view is None:
-                    return None  # closed meanwhile
-                if view.stamp == now or view.ticket > ticket:
-                    return view
-                if self._rebuilder.running():
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return None
-                    self._built.wait(left)
-                    continue
-            with self._lock:
-                if self._closed or not self._rebuilder.due():
-                    return None
-                self._rebuilder.start()
+        return got if got is not None else await_build(self, ticket, now)
 
     def _lazy_init(self):
         if self._closed:
@@ -259,7 +236,7 @@ class EnhancedAuditLogService:
         catchup.recheck) current: SQLite answers until a full build. Caller holds _lock."""
         self._view = view
         self._stale = self._probe_now(view)
-        self._rebuilder.start()
+        self._rebuilder.start(changed=True)
 
     def _probe_now(self, view):
         try:
@@ -267,31 +244,6 @@ class EnhancedAuditLogService:
         except OSError:
             return None
 
-    def _publish_built(self, view):
-        """Publish a background build, caught up from the log first when there is one; when it is newer
-        than the current view, even if a commit landed while it read (the next request sees that)."""
-        with forks.sqlite_section(), self._lock:
-            current = self._view
-            if view.base is None or current is None or view.base is not current.base:
-                self._stats["full_rebuilds"] += 1  # a new base; not a build that kept the current one
-            if self._closed:
-                return
-            if view.base is None and current is not None and current.base is not None and (
-                    self._probe_now(current) == current.stamp):
-                return  # a compaction met a value the index cannot hold: the current view is still exact
-            if view.seq is not None:  # changes logged while we read: applied before publishing
-                try:
-                    got = refresh(self._db, self._io, view, next(self._tickets))
-                except Exception:  # busy, say: published as it is and caught up by the next request
-                    got = None
-                view = got[0] if got is not None else view
-            if current is None or view.ticket > current.ticket:
-                self._view = view
-            self._stats["background_rebuilds"] += 1
-            if self._probe_now(self._view) != self._view.stamp:
-                self._stats["stale_rebuilds"] += 1
-            else:
-                self._stale = None
 
     def _warn_unindexable(self, problem):
         self._warnings.warn("unindexable", "%s: %s, which the in-memory index cannot hold; requests are answered "

@@ -16,7 +16,7 @@ from unittest import mock
 
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
-from enhanced_audit import catchup, changelog, rebuild
+from enhanced_audit import catchup, changelog, policy, rebuild
 from enhanced_audit.db import Database
 from enhanced_audit.fileio import choose_io
 from tests.support import DataCopy, append_events, baseline_answer, outcome
@@ -178,7 +178,7 @@ class BoundedDescriptors(unittest.TestCase):
                         append_events(data.db, data.payloads, [(10 ** 9, 3, "UPDATE")])
                     time.sleep(0.01)
             # stale requests answered by SQLite, not by waiting for the background build
-            stack.enter_context(mock.patch.object(rebuild.Rebuilder, "wait_limit", lambda self: 0.0))
+            stack.enter_context(mock.patch.object(policy.Policy, "fallback_estimate", lambda self: 0.0))
             for io in ("auto", "seek"):
                 with enhanced.EnhancedAuditLogService(data.db, data.payloads, io=io) as service:
                     writer = threading.Thread(target=write)

@@ -17,7 +17,7 @@ import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
 from enhanced_audit import changelog
 from enhanced_audit import catchup as catchup_module
-from enhanced_audit import rebuild as rebuild_module
+from enhanced_audit import policy as policy_module
 from enhanced_audit import build as build_module
 from enhanced_audit import db as db_module
 from enhanced_audit.fileio import choose_io
@@ -190,7 +190,7 @@ class WithoutChangeLog(LiveCase):
         rng = random.Random(mode + "!")
         with DataCopy(rows=2000) as data, contextlib.ExitStack() as stack:
             if sql_answers:
-                stack.enter_context(mock.patch.object(rebuild_module.Rebuilder, "wait_limit", lambda self: 0.0))
+                stack.enter_context(mock.patch.object(policy_module.Policy, "fallback_estimate", lambda self: 0.0))
             set_journal(data.db, mode)
             writer = Writer(data, rng)
             with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
