@@ -37,6 +37,8 @@ from tests.test_live_writes import quiet
 
 Query = baseline.Query
 THREADS = 16
+PHASE_CLOSED = 1  # PHASES[0]: 0 open, 1 from close() until init() has returned, 2 open again
+PHASES = [0]
 SECONDS = 2.5 + 6 * SCALE  # writer time per case: 4 s at run_tests --quick's scale
 _COUNTERS = struct.Struct("<QQ")  # commits begun, commits returned: the writer's, in a shared page
 _COLUMNS = "id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len"
@@ -223,6 +225,7 @@ class Requests:
                                ["execute", "list_after"])
         args = self.walk[0] if kind == "list_after" and self.walk else self.query_args()
         first = self.counters.returned()
+        phase = PHASES[:]
         try:
             if kind == "list_after":
                 cursor, after = self.walk[1:] if self.walk else (None, None)
@@ -232,6 +235,8 @@ class Requests:
             else:
                 got = json.loads(self.execute_json(Query(*args)))
         except ServiceClosed:
+            if not phase[0] <= PHASE_CLOSED <= PHASES[0]:  # open all along: it must have served
+                self.errors.append(f"{kind} {args}: ServiceClosed, yet the service was open all along")
             self.closed += 1
             time.sleep(0.001)  # closed for a while: no point spinning
             return
@@ -281,10 +286,13 @@ class Stress(unittest.TestCase):
             for t in threads:
                 t.start()
             started = time.monotonic()
+            PHASES[0] = 0
             time.sleep(SECONDS / 3)
+            PHASES[0] = PHASE_CLOSED
             service.close()  # requests meanwhile raise ServiceClosed; those in flight finish
             time.sleep(0.05)
             service.init(seed=False)
+            PHASES[0] = PHASE_CLOSED + 1
             time.sleep(max(0.0, started + 2 * SECONDS / 3 - time.monotonic()))
             child = fork_and_answer(service, counters, random.Random(99), actors, (lo, hi)) \
                 if hasattr(os, "fork") else []
