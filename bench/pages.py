@@ -47,7 +47,8 @@ VARIANT_HELP = ("io=libc|os (the service's io argument), nowait=on|off (fileio.N
                 "block told apart), hint=on|off (fileio.WILL_NEED: the rest of a page asked for after one), "
                 "onepass=on|off (events.ONE_PASS), lock=fifo (the whole request under "
                 "one FIFO lock per service, the lock design measured against the one pass), admit=on|off|auto "
-                "(admission.ENABLED: page builds bounded to the cores, FIFO; auto: on where the GIL is off)")
+                "(admission.ENABLED: with more page builds under way than cores, each yields its core first; "
+                "auto: on where the GIL is off)")
 EVICT_EVERY = 0.02  # seconds between two posix_fadvise(DONTNEED) calls in cold mode
 _EVICTOR = """
 import os, sys, time

@@ -1,142 +1,78 @@
-"""Admission: on a free-threaded build, at most one page built per core at a time, first come first served.
+"""Page builds on a free-threaded build: with more of them under way than cores, each first yields its core.
 
-Why: a page's answer is CPU work (its reads from the page cache, JSON decodes and dicts). With the
-GIL, one thread runs Python at a time and a page is built in one pass the interpreter does not
-interrupt (events.py). Without it (PEP 703, CPython 3.13t and later with the GIL off), every
-runnable request thread runs at once, and with more of them than cores the operating system's
-scheduler slices each page's work into time slices: a request of 0.3 ms of CPU then waits through
-several other threads' slices (p99 about 5x the GIL's, docs/benchmarks.md, "Free-threaded").
-Admitting as many page builds as there are cores, the others waiting in order on a lock of their
-own (asleep, off the CPU), lets each admitted build run to its end on a core: the waiting moves
-in front of the work, where it is short and first come first served.
+Why: a page's answer is CPU work (reads from the page cache, JSON decodes, dicts: about 0.3 ms for 27
+events here). With the GIL one thread runs Python at a time, and a page is built in one pass the
+interpreter does not interrupt (events.py). Without it (PEP 703, the GIL off), every runnable request
+thread runs at once; with more of them than cores the operating system's scheduler cuts each page's
+work at the end of a time slice (a few ms), and the request then waits through the other threads'
+slices: p99 13-30 ms at 8 threads on 2 cores against 2-3 ms with the GIL. A page build that first
+gives up its core (sched_yield(2)) when more builds are under way than cores starts on a fresh time
+slice, long enough for the whole page, so the waiting comes before the work in turns of one page each
+(docs/benchmarks.md, "Free-threaded CPython": p99 1.2-2.4x shorter per round, about the same
+throughput). With no more builds than cores nothing yields.
 
-On by default only where the GIL is off when the service is made (`sys._is_gil_enabled()`); with
-the GIL there is nothing to bound, and `pages()` returns events.from_view itself, so the GIL
-build's path is unchanged. ENABLED = True or False forces it either way (the A/B of
-bench/pages.py's `admit=on|off`).
+Measured and not kept: a first-come-first-served gate admitting as many page builds as cores, the
+others asleep on a lock each (the handover wakes a thread that then waits for a core: half the
+throughput, p50 10x longer); waiters that spin on sched_yield (p99 4x longer).
 
-Documents relied on: sys._is_gil_enabled() (Python 3.13+); os.process_cpu_count() (3.13+, the
-CPUs this process may use), else os.cpu_count().
+On by default only where the GIL is off when the service is made (`sys._is_gil_enabled()`); with the
+GIL `pages()` returns events.from_view itself, so the GIL build's path is unchanged. ENABLED = True
+or False forces it either way (bench/pages.py's `admit=on|off`). Where there is no sched_yield
+(Windows) it is off.
+
+Documents relied on: sys._is_gil_enabled() (Python 3.13+); os.sched_yield() and sched_yield(2) ("the
+thread is moved to the end of the queue for its static priority and a new thread gets to run");
+os.process_cpu_count() (3.13+: the CPUs this process may use), else os.cpu_count().
 """
 
-__all__ = ["ENABLED", "Gate", "pages", "wanted"]
+__all__ = ["ENABLED", "pages", "wanted"]
 
 import os
 import sys
 import threading
-from collections import deque
 
 from . import events, forks
 
 ENABLED = None  # None: on where the GIL is off; True or False: forced (read when a service is made)
+_CORES = max(1, (getattr(os, "process_cpu_count", None) or os.cpu_count)() or 1)
+_yield = getattr(os, "sched_yield", None)
+_lock = threading.Lock()  # protects: _building
+_building = [0]  # page builds under way in this process, through pages()
+
+
+def _new_lock_in_child():
+    global _lock
+    _lock = threading.Lock()  # a thread that held it is not in the child
+    _building[0] = 0  # nor are the builds under way
+
+
+forks.in_child(_new_lock_in_child)
 
 
 def wanted():
-    """Whether a service made now bounds its page builds: ENABLED, or by default whether the GIL is off."""
+    """Whether a service made now yields before its page builds: ENABLED, or whether the GIL is off."""
+    if _yield is None:
+        return False
     if ENABLED is not None:
         return bool(ENABLED)
     check = getattr(sys, "_is_gil_enabled", None)
     return check is not None and not check()
 
 
-def _cores():
-    count = getattr(os, "process_cpu_count", os.cpu_count)
-    return max(1, count() or 1)
-
-
-class Gate:
-    """A FIFO counting semaphore: `slots` holders at a time, the others served in arrival order.
-
-    `with gate:` takes a slot, O(1) besides the wait; a waiter sleeps on a lock of its own, handed
-    over by the holder that leaves. A nested entry on a thread that already waits for or holds a
-    slot (a signal handler's request) passes without one, instead of waiting for itself.
-    """
-
-    def __init__(self, slots):
-        self.slots = slots
-        self._mutex = threading.Lock()  # protects: _free, _waiting, each waiter's handed flag
-        self._free = slots
-        self._waiting = deque()  # a [lock, handed] per queued thread, first come first
-        self._local = threading.local()  # .inside: this thread waits for or holds a slot
-
-    def __enter__(self):
-        local = self._local
-        if getattr(local, "inside", False):
-            local.nested = getattr(local, "nested", 0) + 1
-            return self
-        local.inside = True
-        try:
-            self._acquire()
-        except BaseException:
-            local.inside = False
-            raise
-        return self
-
-    def __exit__(self, *exc_info):
-        local = self._local
-        nested = getattr(local, "nested", 0)
-        if nested:
-            local.nested = nested - 1
-            return False
-        local.inside = False
-        self._release()
-        return False
-
-    def _acquire(self):
-        """Take a slot. An exception anywhere in here (an asynchronous KeyboardInterrupt included)
-        leaves the slots as they were: not taken, or passed on to the next in the queue."""
-        mine = None
-        try:
-            with self._mutex:
-                if self._free:
-                    self._free -= 1
-                    return
-                lock = threading.Lock()
-                lock.acquire()
-                mine = [lock, False]
-                self._waiting.append(mine)
-            mine[0].acquire()  # released by a holder handing its slot over: the slot is ours
-        except BaseException:
-            if mine is not None:
-                with self._mutex:
-                    if mine in self._waiting:  # still queued: leave no dead waiter behind
-                        self._waiting.remove(mine)
-                        mine = None
-                if mine is not None and mine[1]:  # handed over meanwhile: ours to pass on
-                    self._release()
-            raise
-
-    def _release(self):
-        with self._mutex:
-            if self._waiting:
-                mine = self._waiting.popleft()
-                mine[1] = True
-                mine[0].release()
-            else:
-                self._free += 1
-
-    def _check(self):
-        with self._mutex:
-            assert 0 <= self._free <= self.slots, (self._free, self.slots)
-            assert not self._waiting or self._free == 0, "a slot free while threads wait"
-
-
-_gate = Gate(_cores())  # one per process: the cores are the process's, whatever the number of services
-
-
-def _new_gate_in_child():
-    global _gate
-    _gate = Gate(_cores())  # a thread holding a slot in the parent is not in the child
-
-
-forks.in_child(_new_gate_in_child)
-
-
-def _admitted_pages(view, items, reader, payload_path):
-    with _gate:
+def _yielding_pages(view, items, reader, payload_path):
+    """events.from_view, after a sched_yield() when more builds than cores are under way. O(1) besides."""
+    with _lock:
+        _building[0] += 1
+        busy = _building[0] > _CORES
+    try:
+        if busy:
+            _yield()
         return events.from_view(view, items, reader, payload_path)
+    finally:
+        with _lock:
+            _building[0] -= 1
 
 
 def pages():
-    """The page builder a service made now uses: events.from_view, through the gate where wanted()."""
-    return _admitted_pages if wanted() else events.from_view
+    """The page builder a service made now uses: events.from_view, yielding first where wanted()."""
+    return _yielding_pages if wanted() else events.from_view

@@ -1,8 +1,7 @@
-"""admission.py: page builds bounded to the cores, first come first served, where the GIL is off."""
+"""admission.py: page builds yield their core first when more are under way than cores, where the GIL is off."""
 
 import sys
 import threading
-import time
 import unittest
 from unittest import mock
 
@@ -14,88 +13,50 @@ from tests.support import DataCopy, baseline_answer
 Query = baseline.Query
 
 
-class GateTests(unittest.TestCase):
-    def test_at_most_slots_inside_and_first_come_first_served(self):
-        gate = admission.Gate(2)
-        inside, most, order, lock = [0], [0], [], threading.Lock()
-        release = threading.Event()
-
-        def holder():
-            with gate:
-                release.wait(10)
-
-        def worker(i):
-            with gate:
-                with lock:
-                    inside[0] += 1
-                    most[0] = max(most[0], inside[0])
-                    order.append(i)
-                time.sleep(0.002)
-                with lock:
-                    inside[0] -= 1
-        holders = [threading.Thread(target=holder) for _ in range(2)]
-        for t in holders:
-            t.start()
-        while gate._free:
-            time.sleep(0.001)
-        workers = []
-        for i in range(8):  # queued one after the other while both slots are held
-            workers.append(threading.Thread(target=worker, args=(i,)))
-            workers[-1].start()
-            while len(gate._waiting) < i + 1:
-                time.sleep(0.001)
-        release.set()
-        for t in holders + workers:
-            t.join(10)
-        self.assertLessEqual(most[0], 2)
-        self.assertEqual(order[:2], [0, 1])
-        self.assertEqual(sorted(order), list(range(8)))
-        gate._check()
-        self.assertEqual(gate._free, 2)
-
-    def test_an_exception_while_waiting_leaves_no_slot_taken(self):
-        gate = admission.Gate(1)
-
-        class Interrupted:  # the waiter's own lock: its wait is interrupted (Ctrl-C)
-            def acquire(self, calls=[]):
-                calls.append(1)
-                if len(calls) == 2:
-                    raise KeyboardInterrupt
-
-            def release(self):
-                pass
-        gate._acquire()  # the one slot held, as by another thread
-        with mock.patch.object(admission.threading, "Lock", Interrupted):
-            with self.assertRaises(KeyboardInterrupt):
-                with gate:
-                    self.fail("entered without a slot")
-        self.assertEqual((gate._free, len(gate._waiting)), (0, 0))
-        gate._release()
-        gate._check()
-        self.assertEqual(gate._free, 1)
-        with gate:  # and the thread can enter again
-            self.assertEqual(gate._free, 0)
-
-    def test_a_nested_entry_passes(self):
-        gate = admission.Gate(1)
-        with gate:
-            with gate:  # a signal handler's request on the same thread: no wait for itself
-                pass
-            self.assertEqual(gate._free, 0)
-        self.assertEqual(gate._free, 1)
-
-
 class Default(unittest.TestCase):
     def test_on_only_where_the_gil_is_off(self):
         gil_off = not getattr(sys, "_is_gil_enabled", lambda: True)()
-        self.assertEqual(admission.wanted(), gil_off)
+        self.assertEqual(admission.wanted(), gil_off and admission._yield is not None)
         for forced in (True, False):
             with mock.patch.object(admission, "ENABLED", forced):
-                self.assertEqual(admission.wanted(), forced)
-                pages = admission.pages()
-                self.assertEqual(pages is events.from_view, not forced)
+                self.assertEqual(admission.wanted(), forced and admission._yield is not None)
+                self.assertEqual(admission.pages() is events.from_view, not admission.wanted())
+        with mock.patch.object(admission, "ENABLED", True), mock.patch.object(admission, "_yield", None):
+            self.assertIs(admission.pages(), events.from_view)  # no sched_yield here: off
 
-    def test_answers_through_the_gate_are_the_baselines(self):
+
+class Yielding(unittest.TestCase):
+    def test_yields_only_with_more_builds_than_cores(self):
+        yields, entered, release = [], threading.Semaphore(0), threading.Event()
+
+        def slow_page(*args):
+            entered.release()
+            release.wait(10)
+            return []
+        with mock.patch.object(admission, "_CORES", 2), mock.patch.object(admission, "_yield", lambda: yields.append(1)), \
+                mock.patch.object(events, "from_view", slow_page):
+            admission._yielding_pages(None, [], None, None)
+            self.assertEqual(yields, [])  # alone: no yield
+            threads = [threading.Thread(target=admission._yielding_pages, args=(None, [], None, None))
+                       for _ in range(4)]
+            for t in threads:
+                t.start()
+                self.assertTrue(entered.acquire(timeout=10))
+            release.set()
+            for t in threads:
+                t.join(10)
+        self.assertEqual(len(yields), 2)  # the 3rd and 4th of the 4 under way (and the first alone: none)
+        self.assertEqual(admission._building[0], 0)
+
+    def test_a_failing_build_leaves_the_count(self):
+        def failing(*args):
+            raise OSError("gone")
+        with mock.patch.object(events, "from_view", failing):
+            with self.assertRaises(OSError):
+                admission._yielding_pages(None, [], None, None)
+        self.assertEqual(admission._building[0], 0)
+
+    def test_answers_are_the_baselines_either_way(self):
         with DataCopy(rows=2000) as data:
             for forced in (True, False):
                 with mock.patch.object(admission, "ENABLED", forced):
@@ -105,9 +66,7 @@ class Default(unittest.TestCase):
                               Query(0, 2 ** 40, 3, None, 1, 10)):
                         with data.baseline():
                             self.assertEqual(("ok", service.execute(q)), baseline_answer(q), (forced, q))
-                    walked = service.list_after(0, 2 ** 40, page_size=10)
-                    self.assertEqual(walked["count"], 10)
-                admission._gate._check()
+                    self.assertEqual(service.list_after(0, 2 ** 40, page_size=10)["count"], 10)
 
 
 if __name__ == "__main__":
