@@ -39,16 +39,14 @@ from common import emit_json
 import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
 import runner
-from enhanced_audit import admission, events, fileio, files
+from enhanced_audit import events, fileio, files
 from enhanced_audit.index import select
 from tests.support import fingerprint, pages_picker, timed
 
 VARIANT_HELP = ("io=libc|os (the service's io argument), nowait=on|off (fileio.NOWAIT: reads that would "
                 "block told apart), hint=on|off (fileio.WILL_NEED: the rest of a page asked for after one), "
                 "onepass=on|off (events.ONE_PASS), lock=fifo (the whole request under "
-                "one FIFO lock per service, the lock design measured against the one pass), admit=on|off|auto "
-                "(admission.ENABLED: with more page builds under way than cores, each yields its core first; "
-                "auto: on where the GIL is off)")
+                "one FIFO lock per service, the lock design measured against the one pass)")
 EVICT_EVERY = 0.02  # seconds between two posix_fadvise(DONTNEED) calls in cold mode
 _EVICTOR = """
 import os, sys, time
@@ -103,17 +101,16 @@ class Variant:
 
     def __init__(self, spec):
         settings = dict(part.split("=", 1) for part in spec.split(":")[1:])
-        if set(settings) - {"io", "nowait", "hint", "turns", "onepass", "lock", "admit"} or not spec.startswith("enhanced"):
+        if set(settings) - {"io", "nowait", "hint", "turns", "onepass", "lock"} or not spec.startswith("enhanced"):
             raise SystemExit(f"unknown implementation {spec!r}; settings: {VARIANT_HELP}")
-        saved = fileio.NOWAIT, fileio.WILL_NEED, files.TURNS, admission.ENABLED
-        admission.ENABLED = {"on": True, "off": False, "auto": None}[settings.get("admit", "auto")]
+        saved = fileio.NOWAIT, fileio.WILL_NEED, files.TURNS
         fileio.NOWAIT = settings.get("nowait", "on") == "on"  # all three read when the service is made
         fileio.WILL_NEED = settings.get("hint", "on") == "on"
         files.TURNS = settings.get("turns", "on") == "on"
         try:
             self.service = enhanced.EnhancedAuditLogService(io=settings.get("io", "auto"))
         finally:
-            fileio.NOWAIT, fileio.WILL_NEED, files.TURNS, admission.ENABLED = saved
+            fileio.NOWAIT, fileio.WILL_NEED, files.TURNS = saved
         self.service.init()
         self.one_pass = settings.get("onepass", "on") == "on"
         execute = self.service.execute

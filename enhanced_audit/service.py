@@ -23,7 +23,7 @@ from itertools import count
 import audit_log_service as _baseline
 
 from . import cursor as cursors
-from . import admission, events, forks
+from . import events, forks
 from .build import Retry, build, data_version
 from .catchup import catch_up, refresh
 from .db import BUSY_TIMEOUT, KEYSET_AFTER_SQL, KEYSET_SQL, PAGE_SQL, Database, missing_db
@@ -54,7 +54,6 @@ class EnhancedAuditLogService:
         self._db_path = path_arg("db_path", db_path, _baseline.DB_PATH)
         self._payload_path = path_arg("payload_path", payload_path, _baseline.PAYLOAD_FILE)
         self._io = choose_io(io)
-        self._pages = admission.pages()  # events.from_view; through a FIFO gate per core where the GIL is off
         self._cursor_key = secrets.token_bytes(32) if cursor_key is None else bytes(cursor_key)
         self._lock = threading.Lock()  # protects: publishing _view, _closed, _stale, _stats, the Rebuilder
         # protects: the first build of init(), so concurrent first inits run one build; requests never take it
@@ -179,7 +178,7 @@ class EnhancedAuditLogService:
             return {"query": echo, "events": found, "count": len(found)}
         items, _ = select(view, from_ts, to_ts, actor_id, action, (page - 1) * page_size, page_size)
         count = len(items)  # taken before: no call may follow the page's one pass (events.py)
-        found = self._pages(view, items, self._payload.reader(), self._payload_path) if count else []
+        found = events.from_view(view, items, self._payload.reader(), self._payload_path) if count else []
         return {"query": echo, "events": found, "count": count}
 
     def list_after(self, from_ts, to_ts, actor_id=None, action=None, page_size=20, cursor=None):
@@ -203,7 +202,7 @@ class EnhancedAuditLogService:
             found, more = self._from_rows(rows[:page_size]), len(rows) > page_size
         else:
             items, more = select(view, from_ts, to_ts, actor_id, action, 0, page_size, after)
-            found = self._pages(view, items, self._payload.reader(), self._payload_path) if len(items) else []
+            found = events.from_view(view, items, self._payload.reader(), self._payload_path) if len(items) else []
         next_cursor = None
         if more and found:
             last = found[-1]
