@@ -282,11 +282,11 @@ class Stress(unittest.TestCase):
             def loop(req):
                 while not stop.is_set():
                     req.one()
+            PHASES[0] = 0  # open (the previous case left it at 2)
             threads = [threading.Thread(target=loop, args=(r,), daemon=True) for r in requests]
             for t in threads:
                 t.start()
             started = time.monotonic()
-            PHASES[0] = 0
             time.sleep(SECONDS / 3)
             PHASES[0] = PHASE_CLOSED
             service.close()  # requests meanwhile raise ServiceClosed; those in flight finish
