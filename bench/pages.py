@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 
@@ -223,6 +224,10 @@ def main():
         density = {"contract": events_per_request(first.handle_request),
                    "pages": events_per_request(lambda: first.execute(pick()))}
         print("events per request: " + ", ".join(f"{w} {v:.2f}" for w, v in density.items()), file=sys.stderr)
+    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    print(f"fingerprint {fingerprint()[0]}, python {sys.version.split()[0]}"
+          f"{'t' if sysconfig.get_config_var('Py_GIL_DISABLED') else ''}, GIL {'on' if gil else 'off'}, "
+          f"{os.cpu_count()} cpus", file=sys.stderr)
     rows = []
     for workload in args.workloads.split(","):
         for cache in args.cache.split(","):

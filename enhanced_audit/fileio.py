@@ -28,10 +28,12 @@ then raises and falls back to the os module (as does any missing symbol); io="os
 fallback.
 """
 
-__all__ = ["HAVE_PREAD", "O_BINARY", "NOWAIT", "WILL_NEED", "choose_io", "nowait_refused", "read_like_baseline"]
+__all__ = ["HAVE_PREAD", "O_BINARY", "NOWAIT", "WILL_NEED", "choose_io", "gil_off", "nowait_refused",
+           "read_like_baseline"]
 
 import os
 import struct
+import sys
 import threading
 from itertools import accumulate, repeat, takewhile, tee
 from operator import add, eq, getitem, itemgetter, mul
@@ -297,10 +299,21 @@ def _stat_layout(ctypes, c_stat, probe_buf):
     return offsets.pop()
 
 
+def gil_off():
+    """True on a free-threaded build running with the GIL off (sys._is_gil_enabled(), Python 3.13+)."""
+    check = getattr(sys, "_is_gil_enabled", None)
+    return check is not None and not check()
+
+
 def choose_io(kind):
-    """'auto' (libc where it works, else os), 'libc', 'os', or 'seek' (no pread: the Windows path)."""
+    """'auto' (libc where it works and the GIL is on, else os), 'libc', 'os', or 'seek' (no pread: the
+    Windows path). With the GIL off (a free-threaded build) 'auto' is os: what libc's calls work around,
+    the GIL, is not there, and through ctypes they cost more than the os module's (docs/benchmarks.md,
+    "Free-threaded CPython")."""
     if kind not in ("auto", "libc", "os", "seek"):
         raise ValueError(f"io must be 'auto', 'libc', 'os' or 'seek', got {kind!r}")
+    if kind == "auto" and gil_off():
+        kind = "os"
     if kind in ("auto", "libc") and _HAVE_PREAD:
         try:
             return _LibcIO()

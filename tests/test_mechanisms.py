@@ -59,6 +59,17 @@ class Fallbacks(unittest.TestCase):
                 self.assertEqual(stats["refreshes"], 3, f"{note}, {mode}: each commit seen caught up from the log")
             return stats
 
+    def test_auto_is_os_where_the_gil_is_off(self):
+        with mock.patch.object(fileio, "gil_off", return_value=True):
+            self.assertEqual(fileio.choose_io("auto").name, "os")
+            self.assertEqual(fileio.choose_io("libc").name, "libc")  # asked for by name: still there
+        try:
+            expected = fileio.choose_io("libc").name
+        except (ImportError, OSError, AttributeError):
+            expected = "os"  # no libc reads here: auto falls back
+        with mock.patch.object(fileio, "gil_off", return_value=False):
+            self.assertEqual(fileio.choose_io("auto").name, expected)
+
     def test_without_libc_io(self):
         with mock.patch.object(fileio, "_LibcIO", side_effect=OSError("no libc here")):
             self.assertEqual(fileio.choose_io("auto").name, "os")
@@ -81,7 +92,7 @@ class Fallbacks(unittest.TestCase):
                 self.assertFalse(stats["capi"])
 
     def test_with_the_c_api(self):
-        if not capi.available() or fileio.choose_io("auto").name != "libc":
+        if not capi.available() or fileio.choose_io("libc").name != "libc":
             self.skipTest("the SQLite C API is not available through ctypes here")
         import ctypes
         self.assertTrue(all(f._flags_ & ctypes._FUNCFLAG_PYTHONAPI for f in capi._lib.values()),
@@ -94,7 +105,7 @@ class Fallbacks(unittest.TestCase):
         real = capi.Reader.fetchall
         for mode in ("DELETE", "WAL"):
             with mock.patch.object(capi.Reader, "fetchall", fetchall):
-                self.assertTrue(self.exact_under_writes(mode, "C API", logged=True)["capi"])
+                self.assertTrue(self.exact_under_writes(mode, "C API", logged=True, io="libc")["capi"])
             self.assertEqual(answered, [True] * 3, f"{mode}: each catch-up answered through the C API")
             answered.clear()
         for io in ("os", "seek"):  # no ctypes at all
@@ -137,7 +148,7 @@ class Fallbacks(unittest.TestCase):
         with self.assertRaises(FileNotFoundError):
             old.file_id("no-such-file")
         with mock.patch.object(ctypes, "PyDLL", lambda name: OldGlibc()):
-            with enhanced.EnhancedAuditLogService(io="auto") as service:
+            with enhanced.EnhancedAuditLogService(io="auto" if not fileio.gil_off() else "libc") as service:
                 self.assertEqual(service.stats()["io"], "libc")
 
     def test_libc_file_ids_of_descriptors_match_paths(self):
@@ -172,6 +183,10 @@ def evict(path):
 def page_queries(oracle):
     newest, oldest = oracle.rows[0][1], oracle.rows[-1][1]
     return [Query(oldest, newest, None, None, page, size) for page, size in ((1, 50), (3, 50), (2, 20), (9, 10))]
+
+
+# the libc reads by name where they load (a free-threaded build's "auto" is os), else what "auto" gives
+LIBC = "libc" if fileio.choose_io("auto").name == "libc" or fileio.gil_off() else "auto"
 
 
 class WouldBlock(unittest.TestCase):
@@ -225,7 +240,7 @@ class WouldBlock(unittest.TestCase):
 
     @unittest.skipUnless(os.path.exists("/proc/self/io") and hasattr(os, "posix_fadvise"), "needs Linux")
     def test_evicted_pages(self):
-        with enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads) as service:
+        with enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads, io=LIBC) as service:
             reader = service._payload.reader()
             if reader.reads is None or not service._io.reads.nowait:
                 self.skipTest("no preadv2 here")
@@ -236,11 +251,11 @@ class WouldBlock(unittest.TestCase):
                 self.skipTest("this file system refuses RWF_NOWAIT")
             self.cold_pages(service, expect_released=True)
         with mock.patch.object(fileio, "WILL_NEED", False):
-            with enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads) as service:
+            with enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads, io=LIBC) as service:
                 self.assertIsNone(service._payload.reader().will_need)
                 self.cold_pages(service, expect_released=True)
         with mock.patch.object(files, "TURNS", False):
-            with enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads) as service:
+            with enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads, io=LIBC) as service:
                 self.assertIsNone(service._payload._turns)
                 self.cold_pages(service, expect_released=True)
 
@@ -248,13 +263,13 @@ class WouldBlock(unittest.TestCase):
     def test_evicted_pages_without_nowait(self):
         for patch in (mock.patch.object(fileio, "NOWAIT", False),
                       mock.patch.object(fileio, "nowait_refused", return_value=True)):
-            with patch, enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads) as service:
+            with patch, enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads, io=LIBC) as service:
                 self.cold_pages(service, expect_released=False)
 
     def test_a_pass_cut_short_anywhere(self):
         """Page reads that stop after n events (as at a read that would block), for every n: the rest
         read through read_released, each event once, the answer exact."""
-        for io in ("auto", "os"):
+        for io in (LIBC, "os"):
             with enhanced.EnhancedAuditLogService(self.data.db, self.data.payloads, io=io) as service:
                 reader = service._payload.reader()
                 real_reads, real_released = reader.reads, reader.read_released
