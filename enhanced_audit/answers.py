@@ -31,10 +31,8 @@ def page(service, query, as_body):
     from_ts, to_ts, actor_id, action, page, page_size, echo = parse(query)
     view = service._fresh_view()
     if view is None or view.base is None:  # stale or unindexable: SQLite answers, the baseline's query
-        started = time.perf_counter()
-        rows = service._db.query(PAGE_SQL, (from_ts, to_ts, actor_id, actor_id, action, action, page_size,
-                                            (page - 1) * page_size))
-        found = _from_rows(service, rows, started)
+        _, found = _from_sqlite(service, PAGE_SQL, (from_ts, to_ts, actor_id, actor_id, action, action, page_size,
+                                                    (page - 1) * page_size), page_size)
         return _dumped({"query": echo, "events": found, "count": len(found)}, as_body)
     items, _ = select(view, from_ts, to_ts, actor_id, action, (page - 1) * page_size, page_size)
     count = len(items)  # taken before: no call may follow the page's one pass (events.py)
@@ -61,11 +59,10 @@ def keyset(service, from_ts, to_ts, actor_id, action, page_size, cursor, as_body
     view = service._fresh_view()
     if view is None or view.base is None or (after is not None and type(after[0]) is not int):
         # stale or unindexable (or a cursor on a REAL created_at): the same keyset page from SQLite
-        sql, args, started = KEYSET_SQL, [from_ts, to_ts, actor_id, actor_id, action, action], time.perf_counter()
+        sql, args = KEYSET_SQL, [from_ts, to_ts, actor_id, actor_id, action, action]
         if after is not None:
             sql, args = KEYSET_AFTER_SQL, args + [after[0], after[0], after[1]]
-        rows = service._db.query(sql, args + [page_size + 1])
-        found = _from_rows(service, rows[:page_size], started)
+        rows, found = _from_sqlite(service, sql, args + [page_size + 1], page_size)
         last = rows[page_size - 1] if len(rows) > page_size else None
         next_cursor = None if last is None else cursors.encode(service._cursor_key, last[1], last[0], filters)
         return _dumped({"events": found, "count": len(found), "next_cursor": next_cursor}, as_body)
@@ -94,9 +91,13 @@ def _dumped(answer, as_body):
     return json.dumps(answer).encode() if as_body else answer
 
 
-def _from_rows(service, rows, started):
-    """An answer's events from SQLite's rows; its wall time since `started` feeds policy.py's estimate."""
-    service._stats["fallback_answers"] += 1  # a statistic: a lost increment under a race is harmless
-    found = events.from_rows(rows, service._payload.reader(), service._payload_path) if rows else []
-    service._rebuilder.policy.note_fallback(time.perf_counter() - started)
-    return found
+def _from_sqlite(service, sql, args, keep):
+    """SQLite's rows for `sql` and the events of the first `keep` of them. The wall time of both, raised
+    or not, feeds policy.py's estimate of a fallback answer (and ends its probe: policy.Policy.probe)."""
+    started = time.perf_counter()
+    try:
+        rows = service._db.query(sql, args)
+        service._stats["fallback_answers"] += 1  # a statistic: a lost increment under a race is harmless
+        return rows, events.from_rows(rows[:keep], service._payload.reader(), service._payload_path) if rows else []
+    finally:
+        service._rebuilder.policy.note_fallback(time.perf_counter() - started)
