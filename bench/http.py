@@ -47,23 +47,14 @@ import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
+from tests.contract import percentile  # noqa: E402  (runner.py's definition)
+
 IMPLS = ("baseline", "enhanced", "fixed")
 WORKLOADS = ("contract", "pages")
 FIXED_BODY = b'{"ok": true}'
 KEYS = ("rps", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "cpu_ms")
 WARMUP = 5  # requests per connection before each run's clock starts
 SAMPLE = 40  # queries of each workload whose bodies are compared between baseline and enhanced
-
-
-def percentile(values, p):
-    """Linear interpolation between the closest ranks of a sorted copy, at rank (n - 1) * p."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * p
-    lo = int(k)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 # -- server processes -------------------------------------------------------------------------
