@@ -24,17 +24,16 @@ definition of runner.py's). Server CPU: the server process's user + system time 
 fixed server's is the server's own cost per request. Before timing, the baseline's and the
 enhanced endpoint's bodies are compared byte for byte on a sample of both workloads.
 
-    flock /tmp/bench.lock python3 bench/http.py [--quick] [--rounds 3] [--requests 2000] [--json]
+    flock /tmp/bench.lock python3 bench/http_endpoint.py [--quick] [--rounds 3] [--requests 2000] [--json]
+
+Named http_endpoint.py, not http.py: a script's folder comes first on sys.path, so a bench/http.py
+would shadow the standard library's http package for every script in bench/.
 """
 
 import os
 import sys
 
-# `python3 bench/http.py` puts bench/ first on sys.path, where this file would shadow the standard
-# library's http package: drop that entry before anything imports http.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-ROOT = os.path.dirname(_HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)  # the contract's paths are relative to the working directory
 
