@@ -183,3 +183,15 @@ class Serve(unittest.TestCase):
         self.assertTrue(r.stderr.startswith("ERROR: serve 127.0.0.1:"), r.stderr)
         r = self.run_cli("nonsense")
         self.assertEqual((r.returncode, r.stderr.startswith("usage:")), (2, True))
+
+
+class BenchScripts(unittest.TestCase):
+    def test_every_bench_script_starts(self):
+        """Each script in bench/ imports what it needs when run as `python3 bench/NAME.py` (its folder
+        first on sys.path, where a file named like a standard-library module would shadow it)."""
+        folder = os.path.join(ROOT, "bench")
+        for name in sorted(n for n in os.listdir(folder) if n.endswith(".py") and n != "common.py"):
+            with self.subTest(script=name):
+                done = subprocess.run([sys.executable, os.path.join(folder, name), "--help"], cwd=ROOT,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+                self.assertEqual(done.returncode, 0, done.stderr.decode(errors="replace")[-2000:])
