@@ -28,14 +28,17 @@ one place:
   is never current. SQLite answers meanwhile. The first build that lands current ends the backoff
   (hysteresis: one stale landing is bad luck, two in a row a rate).
 - **Recover** (Policy.may_start). While backing off, a build starts when the database has not
-  changed for _QUIET_BUILDS of a build's time, doubled for each build of this backoff that still
-  landed stale (at most 2**_QUIET_DOUBLINGS times: a writer that only hiccups, its process
-  descheduled for a moment, does not buy a build per hiccup), so when the writer pauses the index
-  is current again within half a build to two builds of quiet plus one build; or when the writer's
-  commits now come more than _SLOWER builds apart (an EWMA of the intervals between the states
-  requests see): a build started at a commit then lands before the next one. The first build that
-  lands current ends the backoff. A build that still lands stale serves every request that waited
-  for it (they looked before it began), so its CPU is not lost.
+  changed for _QUIET_BUILDS of a build's time, or when the writer's commits now come more than
+  _SLOWER builds apart (an EWMA of the intervals between the states requests see): a build started
+  at a commit then lands before the next one. Both times double for each build of this backoff that
+  still landed stale (at most 2**_DOUBLINGS times): a writer that only hiccups does not buy a build
+  per hiccup, and a writer whose commits come about a build apart (a build's CPU time is shorter than
+  its wall time beside the answers) does not buy one per commit (measured without the doubling of
+  the interval rule, WAL, 10 commits/s, 8 threads: 9 builds in 3 s, 8 of them stale). When the
+  writer pauses the index is current again within half a build to two builds of quiet plus one
+  build. The first build that lands current ends the backoff. While backing off no request waits
+  for a build (await_build): SQLite answers each at once, and a build that lands current serves
+  the requests that come after it.
 
 Exactness does not depend on any of this: a view serves a request only when its stamp is the state
 the request read or its build drew its ticket after the request's (service.py, catchup.py). The
@@ -55,9 +58,9 @@ _EWMA_DEV = 0.25  # weight of the newest deviation from it (RFC 6298's beta)
 _DEV_K = 4  # mean deviations added to the mean: RFC 6298's K, a time few answers exceed (p99 is the target)
 _STALE_ENTER = 2  # builds landing stale in a row that start a backoff (one is chance, two are a writer's rate)
 _QUIET_BUILDS = 0.5  # while backing off, a build starts once no commit was seen for this share of a build
-_QUIET_DOUBLINGS = 2  # (doubled per build of this backoff that landed stale, at most 4 times: 2 builds' time),
 _SLOWER = 1.5  # or when commits come this many builds apart (a build waited for takes about its CPU time;
 # the margin is for the cores it shares with the writer and other processes)
+_DOUBLINGS = 2  # both doubled per build of this backoff that landed stale, at most 4 times
 _EWMA_INTERVAL = 0.25  # weight of the newest interval between two commits seen
 _RECENT = 4  # builds whose shortest time is the estimate of the next build's
 
@@ -141,9 +144,14 @@ class Policy:
             if not self._backing_off:
                 return True
             build = min(self._builds) if self._builds else default
+            build *= 1 << min(self._stale_run - _STALE_ENTER, _DOUBLINGS)
             slower = self._interval is not None and self._interval >= _SLOWER * build
-            quiet = _QUIET_BUILDS * build * (1 << min(self._stale_run - _STALE_ENTER, _QUIET_DOUBLINGS))
-            return slower or time.monotonic() - self._changed_at >= quiet
+            return slower or time.monotonic() - self._changed_at >= _QUIET_BUILDS * build
+
+    def backing_off(self):
+        """True while builds back off from a writer they cannot keep up with."""
+        with self._lock:
+            return self._backing_off
 
     def waited(self):
         with self._lock:
@@ -167,8 +175,8 @@ def await_build(service, ticket, now):
     `ticket`: drawn when the request looked; `now`: the stamp it read. A view serves it when its
     stamp is `now`, or when its build drew its ticket after `ticket` (it read a later state). The
     request waits, holding no lock, only while the running build is expected to end before the
-    request's arrival plus a fallback's time (module docstring), and starts the next build when the
-    last one landed stale and the policy lets it (not while backing off from a fast writer).
+    request's arrival plus a fallback's time (module docstring), never while backing off, and starts
+    the next build when the last one landed stale and the policy lets it.
     """
     rebuilder, built, policy = service._rebuilder, service._built, service._rebuilder.policy
     arrived = time.monotonic()
@@ -183,6 +191,8 @@ def await_build(service, ticket, now):
                     policy.waited()
                 return view
             if rebuilder.running():
+                if policy.backing_off():
+                    return None  # a recovery build may land stale again: SQLite answers at once
                 if deadline is None:
                     budget = policy.fallback_estimate()
                     if budget is None:  # nothing measured yet (module docstring)

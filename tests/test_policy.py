@@ -18,7 +18,7 @@ import audit_log_service as baseline
 import enhanced_audit_log_service as enhanced
 from enhanced_audit import policy as policy_module
 from enhanced_audit import rebuild as rebuild_module
-from tests.support import DataCopy, append_events
+from tests.support import DataCopy, append_events, baseline_answer
 from tests.test_live_writes import LiveCase, quiet, set_journal
 
 Query = baseline.Query
@@ -75,6 +75,30 @@ class PolicyUnit(unittest.TestCase):
         p.landed(False)
         self.assertEqual(p.stats()["backing_off"], False)
         self.assertEqual(p.stats()["backoffs"], 1)
+
+    def test_each_stale_landing_of_a_backoff_doubles_both_recovery_times(self):
+        """Commits 1.67 builds apart start a recovery build; once that one too lands stale, they no
+        longer do, nor does a quiet time of half a build."""
+        p = policy_module.Policy()
+        p.note_build(0.060)
+        p.landed(True)
+        p.landed(True)  # backing off
+        with p._lock:
+            p._interval, p._changed_at = 0.100, time.monotonic()
+        self.assertTrue(p.may_start(0.5))  # 100 ms >= 1.5 x 60 ms
+        p.landed(True)  # that build landed stale too
+        self.assertFalse(p.may_start(0.5))  # now 1.5 x 120 ms; and no quiet of 60 ms yet
+        with p._lock:
+            p._changed_at = time.monotonic() - 0.061
+        self.assertTrue(p.may_start(0.5))  # quiet for half of 120 ms
+        for _ in range(5):
+            p.landed(True)
+        with p._lock:
+            p._interval, p._changed_at = 0.300, time.monotonic() - 0.110
+        self.assertFalse(p.may_start(0.5))  # at most 4 times: 1.5 x 240 ms apart, or 120 ms of quiet
+        with p._lock:
+            p._interval = 0.361
+        self.assertTrue(p.may_start(0.5))
 
     def test_threads_update_the_estimates_consistently(self):
         """Eight threads feeding one Policy: the estimate stays within the values fed (never torn)."""
@@ -194,6 +218,30 @@ class Branches(LiveCase):
         fallbacks = stats["fallback_answers"]
         self.assert_same_as_baseline(data, service, random.Random(mode), f"{mode}: recovered")
         self.assertEqual(service.stats()["fallback_answers"], fallbacks, "not answered from the index")
+
+    def test_no_wait_while_backing_off(self):
+        """Backing off, a stale request that starts a recovery build does not wait for it, even when
+        the build is expected long before SQLite's answer: SQLite answers at once, exactly."""
+        for mode in MODES:
+            with self.subTest(mode=mode), DataCopy(rows=2000) as data, quiet(), \
+                    mock.patch.object(policy_module.Policy, "fallback_estimate", lambda self: 0.0):
+                service, commit, builds = self._back_off(mode, data)
+                with mock.patch.object(policy_module.Policy, "fallback_estimate", lambda self: 30.0), \
+                        mock.patch.object(policy_module, "_QUIET_BUILDS", 0), wrapped_build(lambda: time.sleep(1.0)):
+                    commit()
+                    before = service.stats()
+                    started = time.monotonic()
+                    got = service.execute(NEWEST)
+                    took = time.monotonic() - started
+                    after = service.stats()
+                    self.assertTrue(after["rebuilding"], after)  # the recovery build runs ...
+                    self.assertLess(took, 0.9, after)  # ... and was not waited for
+                    self.assertEqual(after["fallback_answers"], before["fallback_answers"] + 1, after)
+                    self.assertEqual(after["build_waits"], before["build_waits"], after)
+                    with data.baseline():
+                        self.assertEqual(("ok", got), baseline_answer(NEWEST))
+                    settle(service)
+                self.assert_same_as_baseline(data, service, random.Random(mode), f"{mode}: after the recovery")
 
     def test_back_off_then_recover_when_the_writer_pauses(self):
         """Once quiet for half a build, a request starts one; it lands current (the commit interval
