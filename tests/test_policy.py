@@ -131,18 +131,23 @@ class Branches(LiveCase):
         created = service.execute(NEWEST)["events"][0]["created_at"]
         return service, created
 
+    def _commit_and_ask(self, data, mode):
+        """A service on `data`, a commit of a newer event, then one request for the newest: (service,
+        rng, stats before the commit, stats after the answer). The answer must hold the new event."""
+        service, created = self._service(data, mode)
+        before = service.stats()
+        append_events(data.db, data.payloads, [(created + 1, 3, "UPDATE")])
+        got = service.execute(NEWEST)
+        after = service.stats()
+        self.assertEqual(got["events"][0]["created_at"], created + 1)  # the build's view or SQLite's: exact
+        return service, random.Random(mode), before, after
+
     def test_wait_when_the_build_is_expected_sooner(self):
         for mode in MODES:
             with self.subTest(mode=mode), DataCopy(rows=2000) as data, quiet(), \
                     mock.patch.object(policy_module.Policy, "fallback_estimate", lambda self: 30.0), \
                     wrapped_build(lambda: time.sleep(0.3)):
-                service, created = self._service(data, mode)
-                rng = random.Random(mode)
-                before = service.stats()
-                append_events(data.db, data.payloads, [(created + 1, 3, "UPDATE")])
-                got = service.execute(NEWEST)
-                after = service.stats()
-                self.assertEqual(got["events"][0]["created_at"], created + 1)
+                service, rng, before, after = self._commit_and_ask(data, mode)
                 self.assertEqual(after["fallback_answers"], before["fallback_answers"], after)
                 self.assertEqual(after["build_waits"], before["build_waits"] + 1, after)
                 self.assert_same_as_baseline(data, service, rng, f"{mode}: after the wait")
@@ -153,13 +158,7 @@ class Branches(LiveCase):
                     mock.patch.object(policy_module.Policy, "fallback_estimate", lambda self: 3.0), \
                     mock.patch.object(policy_module.Policy, "build_estimate", lambda self, default: 10.0), \
                     wrapped_build(lambda: time.sleep(1.5)):
-                service, created = self._service(data, mode)
-                rng = random.Random(mode)
-                before = service.stats()
-                append_events(data.db, data.payloads, [(created + 1, 3, "UPDATE")])
-                got = service.execute(NEWEST)
-                after = service.stats()
-                self.assertEqual(got["events"][0]["created_at"], created + 1)  # SQLite's answer, exact
+                service, rng, before, after = self._commit_and_ask(data, mode)
                 self.assertEqual(after["fallback_answers"], before["fallback_answers"] + 1, after)
                 self.assertEqual(after["build_waits"], before["build_waits"], after)
                 self.assertEqual(after["background_rebuilds"], before["background_rebuilds"], after)  # still building
