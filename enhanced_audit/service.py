@@ -185,8 +185,8 @@ class EnhancedAuditLogService:
         rebuild can catch it up and none came in time (the caller then asks SQLite). O(1) when
         nothing changed."""
         view = self._view
-        if view is None:
-            return self._lazy_init()
+        if view is None:  # checked below like any other: init's read may have begun before this request
+            view = self._lazy_init()
         now = None
         if view.probe is not None:
             try:

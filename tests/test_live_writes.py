@@ -617,6 +617,54 @@ class InitHoldsNoLock(unittest.TestCase):
                 release.set()
                 service.close()
 
+    def test_a_request_that_waited_for_init_sees_the_commits_before_it(self):
+        """A request that begins while init() builds waits for that build, whose read may have begun
+        before the request did: a commit that returned after that read and before the request began
+        is in the answer (the view init() built is checked like any other), in both journal modes,
+        with and without the change log, and after close() as before the first init()."""
+        real = build_module.build
+        for mode, logged, reopen in (("DELETE", False, False), ("WAL", False, True), ("DELETE", True, True),
+                                     ("WAL", True, False)):
+            with self.subTest(mode=mode, logged=logged, reopen=reopen), DataCopy(rows=300) as data, quiet():
+                set_journal(data.db, mode)
+                if logged:
+                    enhanced.install_change_log(data.db)
+                read, release = threading.Event(), threading.Event()
+
+                def slow(*args, **kwargs):
+                    got = real(*args, **kwargs)  # the read is done: a commit now is not in this view
+                    read.set()
+                    release.wait(10)
+                    return got
+                service = enhanced.EnhancedAuditLogService(data.db, data.payloads)
+                q = Query(0, 2 ** 40, None, None, 1, 10)
+                try:
+                    if reopen:
+                        service.init()
+                        service.close()
+                    with mock.patch.object(build_module, "build", slow):
+                        init = threading.Thread(target=service.init)
+                        init.start()
+                        self.assertTrue(read.wait(10))
+                        with data.baseline():
+                            top = baseline_answer(Query(0, 2 ** 40, None, None, 1, 1))[1]["events"][0]["created_at"]
+                        append_events(data.db, data.payloads, [(top + 1, 3, "UPDATE")])  # returns before the request
+                        got = []
+                        request = threading.Thread(target=lambda: got.append(outcome(service.execute, q)))
+                        request.start()
+                        request.join(0.2)
+                        self.assertTrue(request.is_alive(), "the request did not wait for init's build")
+                        release.set()
+                        init.join(10)
+                        request.join(10)
+                    with data.baseline():
+                        want = baseline_answer(q)
+                    self.assertEqual(want[1]["events"][0]["created_at"], top + 1)
+                    self.assertEqual(got, [want], "the answer misses a commit that returned before the request")
+                finally:
+                    release.set()
+                    service.close()
+
 
 class PromptRebuild(unittest.TestCase):
     def test_a_steady_writer_does_not_keep_the_index_stale(self):
