@@ -100,7 +100,8 @@ class Database:
         self.kept_lock = threading.Lock()  # protects: _kept, _kept_fid, reader (and serialises their use)
         self._kept = self._kept_fid = self.reader = None
         self._idle = []  # [(file id, connection)]
-        self._pool_lock = threading.Lock()  # protects: _idle
+        self._closed = False  # set by close(): a connection in use then is closed after it, not pooled
+        self._pool_lock = threading.Lock()  # protects: _idle, _closed
         forks.register(self)
 
     def uri(self, mode="ro"):
@@ -187,7 +188,7 @@ class Database:
             conn.close()
             raise
         with self._pool_lock:
-            if len(self._idle) < _POOL_IDLE:
+            if len(self._idle) < _POOL_IDLE and not self._closed:
                 self._idle.append((fid, conn))
                 conn = None
         if conn is not None:
@@ -195,19 +196,25 @@ class Database:
         return rows
 
     def close(self):
-        """Close every connection (through SQLite, which keeps other connections' locks)."""
+        """Close every connection (through SQLite, which keeps other connections' locks). A pooled
+        connection in use now is closed once its answer is read, not kept."""
+        self._close_connections(final=True)
+
+    def _close_connections(self, final):
         with forks.sqlite_section():
             with self.kept_lock:
                 self._close_kept()
             with self._pool_lock:
                 idle, self._idle = self._idle, []
+                self._closed = self._closed or final
             for _, conn in idle:
                 conn.close()
 
     def _before_fork(self):
         """forks.py, with the gate held exclusively (so no thread of ours is inside SQLite or holds
-        kept_lock or _pool_lock): every connection closed, so that none of ours crosses the fork."""
-        self.close()
+        kept_lock or _pool_lock): every connection closed, so that none of ours crosses the fork;
+        both processes open new ones as they need them."""
+        self._close_connections(final=False)
 
     def _after_fork_in_child(self):
         """New locks; whatever could not be closed before the fork is the parent's: never touched here."""

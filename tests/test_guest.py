@@ -198,6 +198,47 @@ class BoundedDescriptors(unittest.TestCase):
                     # the pool's idle connections plus a writer's and a rebuild's, at most: not one per thread
                     self.assertLessEqual(max(counts) - min(counts), 6, f"io={io}: descriptors by batch {counts}")
 
+    def test_a_connection_in_use_at_close_is_closed_after_it(self):
+        """A fallback answer in flight when close() runs: its pooled connection is closed once the answer
+        is read, not put back into the closed pool (where it stayed open until collected). A fork's
+        closing of connections, unlike close(), leaves the pool in use."""
+        with DataCopy(rows=300) as data:
+            db = Database(data.db, choose_io("auto"))
+            inside, release, got, opened = threading.Event(), threading.Event(), [], []
+            real = db.connect
+
+            def connect(*args, **kwargs):
+                conn = real(*args, **kwargs)
+                opened.append(conn)
+                return conn
+
+            def slow(conn, sql, args):
+                inside.set()
+                release.wait(10)
+                return conn.execute(sql, args).fetchall()
+            sql = "SELECT count(*) FROM audit_events"
+            try:
+                with mock.patch.object(db, "connect", connect), mock.patch("enhanced_audit.db._fetch", slow):
+                    request = threading.Thread(target=lambda: got.append(db.query(sql, ())))
+                    request.start()
+                    self.assertTrue(inside.wait(10))
+                    db.close()
+                    release.set()
+                    request.join(10)
+                self.assertEqual(got, [[(300,)]])
+                self.assertEqual(db._idle, [])
+                with self.assertRaises(sqlite3.ProgrammingError):  # closed: "Cannot operate on a closed database"
+                    opened[0].execute("SELECT 1")
+                fresh = Database(data.db, choose_io("auto"))
+                fresh.query(sql, ())
+                fresh._before_fork()
+                fresh.query(sql, ())
+                self.assertEqual(len(fresh._idle), 1, "a fork's close stopped the pool")
+                fresh.close()
+            finally:
+                release.set()
+                db.close()
+
 
 class ChangeLogTrust(unittest.TestCase):
     def test_a_log_emptied_by_hand_is_not_trusted(self):

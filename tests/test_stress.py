@@ -41,11 +41,20 @@ PHASE_CLOSED = 1  # PHASES[0]: 0 open, 1 from close() until init() has returned,
 PHASES = [0]
 SECONDS = 2.5 + 6 * SCALE  # writer time per case: 4 s at run_tests --quick's scale
 _COUNTERS = struct.Struct("<QQ")  # commits begun, commits returned: the writer's, in a shared page
+# A request may raise the baseline's "database is locked" only when the writer held its lock about
+# as long as the busy timeout (5 s). In rollback-journal mode that happens under load: this process's
+# overlapping reads share one SHARED lock, which SQLite grants a new reader of the same process even
+# while another process holds PENDING (the unix VFS keeps locks per process), so the writer's COMMIT
+# can wait seconds for a moment with no reader, and the forked child (a process of its own) meets
+# PENDING all that time. The baseline, a connection per request, does the same.
+_LOCKED = "OperationalError: database is locked"
+_LOCK_HELD = 4.5  # seconds of the writer's longest COMMIT from which a busy timeout may expire
 _COLUMNS = "id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len"
 
 # argv: db, payload file, change log path, counter file, seconds, seed. Each commit: counters[0] = k
 # before BEGIN; the rows it changed read back inside the transaction; COMMIT; the change logged;
-# counters[1] = k once COMMIT has returned.
+# counters[1] = k once COMMIT has returned. Prints "done <commits> <longest COMMIT in seconds>": in
+# rollback-journal mode COMMIT holds PENDING while it waits for readers' SHARED locks to drain.
 _WRITER = r"""
 import json, mmap, os, random, sqlite3, struct, sys, time
 db, payloads, log_path, counter_path, seconds, seed = sys.argv[1:7]
@@ -76,7 +85,7 @@ def insert(created_at):
                         (created_at, rng.randint(1, 12), rng.choice(["UPDATE", "LOGIN", "EXPORT"]),
                          "ORDER-%d" % rng.randint(1, 99), offset, length)).lastrowid
 
-end, k = time.monotonic() + float(seconds), 0
+end, k, longest = time.monotonic() + float(seconds), 0, 0.0
 print("ready", flush=True)
 while time.monotonic() < end:
     k += 1
@@ -101,12 +110,14 @@ while time.monotonic() < end:
             conn.execute("DELETE FROM audit_events WHERE id = ?", (row_id,))
             changed.add(row_id)
     rows = [[i, conn.execute("SELECT %s FROM audit_events WHERE id = ?" % cols, (i,)).fetchone()] for i in changed]
+    began = time.monotonic()
     conn.execute("COMMIT")
+    longest = max(longest, time.monotonic() - began)
     log.write(json.dumps({"k": k, "rows": rows}) + "\n")
     log.flush()
     shared[8:16] = struct.pack("<Q", k)
     time.sleep(rng.random() * 0.006)
-print("done", k, flush=True)
+print("done", k, longest, flush=True)
 """
 
 
@@ -294,17 +305,22 @@ class Stress(unittest.TestCase):
             service.init(seed=False)
             PHASES[0] = PHASE_CLOSED + 1
             time.sleep(max(0.0, started + 2 * SECONDS / 3 - time.monotonic()))
-            child = fork_and_answer(service, counters, random.Random(99), actors, (lo, hi)) \
-                if hasattr(os, "fork") else []
-            writer.stdout.read()
+            child, child_errors = fork_and_answer(service, counters, random.Random(99), actors, (lo, hi)) \
+                if hasattr(os, "fork") else ([], [])
+            done = writer.stdout.read().split()
             writer.stdout.close()
             self.assertEqual(writer.wait(), 0, "the writer process failed")
             stop.set()
             for t in threads:
                 t.join(30)
             self.assertFalse(any(t.is_alive() for t in threads), "a request thread hung")
-            errors = [e for r in requests for e in r.errors]
-            self.assertEqual(errors[:5], [], f"{len(errors)} requests failed")
+            self.assertEqual(done[:1], ["done"], "the writer did not finish")
+            longest = float(done[2])
+            errors = [e for r in requests for e in r.errors] + [f"fork child: {e}" for e in child_errors]
+            if longest >= _LOCK_HELD:  # the writer's lock was held through a whole busy timeout
+                errors = [e for e in errors if not e.endswith(_LOCKED)]
+            self.assertEqual(errors[:5], [], f"{len(errors)} requests failed; the writer's longest COMMIT "
+                                             f"took {longest:.2f} s")
             records = [rec for r in requests for rec in r.records] + child
             stats = service.stats()
             service._check()
@@ -365,17 +381,13 @@ class Stress(unittest.TestCase):
     def test_wal_change_log_catch_ups_and_compactions(self):
         self._run("WAL", logged=True)
 
-    @unittest.skipUnless(os.environ.get("AUDIT_STRESS_ROLLBACK"), "open defect, run with AUDIT_STRESS_ROLLBACK=1: "
-                         "in about 1 run in 20 on a loaded machine, 2-3 of ~5,000 answers are one or two commits "
-                         "stale (rollback journal, no change log; cause not found yet); and the forked child can "
-                         "meet the writer's lock past the 5 s busy timeout")
     def test_rollback_journal_no_log_builds(self):
         self._run("DELETE", logged=False)
 
 
 def fork_and_answer(service, counters, rng, actors, span):
     """Fork while the request threads run; the child answers on the service it inherited and sends
-    its records back as JSON. Returns them; a child that hangs is killed and fails the test."""
+    its records back as JSON. Returns (records, errors); a child that hangs is killed and fails the test."""
     read_end, write_end = os.pipe()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # a fork beside threads is what is tested
@@ -411,13 +423,11 @@ def fork_and_answer(service, counters, rng, actors, span):
     if status != 0:
         raise AssertionError(f"the forked child failed (wait status {status})")
     got = json.loads(b"".join(chunks))
-    if got["errors"]:
-        raise AssertionError(f"the forked child's requests failed: {got['errors'][:3]}")
     for rec in got["records"]:
         rec["args"] = tuple(rec["args"])
         if rec.get("after") is not None:
             rec["after"] = tuple(rec["after"])
-    return got["records"]
+    return got["records"], got["errors"]
 
 
 if __name__ == "__main__":
