@@ -12,6 +12,7 @@ database's final rows and the baseline's own answers at the end.
 
 import bisect
 import contextlib
+import faulthandler
 import json
 import mmap
 import os
@@ -49,6 +50,7 @@ _COUNTERS = struct.Struct("<QQ")  # commits begun, commits returned: the writer'
 # PENDING all that time. The baseline, a connection per request, does the same.
 _LOCKED = "OperationalError: database is locked"
 _LOCK_HELD = 4.5  # seconds of the writer's longest COMMIT from which a busy timeout may expire
+_CHILD_DEADLINE = 60  # seconds the forked child has for its 30 requests
 _COLUMNS = "id, created_at, actor_id, action, resource_type, resource_id, payload_offset, payload_len"
 
 # argv: db, payload file, change log path, counter file, seconds, seed. Each commit: counters[0] = k
@@ -396,6 +398,7 @@ def fork_and_answer(service, counters, rng, actors, span):
         code = 1
         try:
             os.close(read_end)
+            faulthandler.dump_traceback_later(_CHILD_DEADLINE - 5, file=sys.__stderr__)  # where it hangs, if it does
             req = Requests(service, counters, rng, actors, span)
             for _ in range(30):
                 req.one()
@@ -406,7 +409,7 @@ def fork_and_answer(service, counters, rng, actors, span):
         finally:
             os._exit(code)
     os.close(write_end)
-    chunks, deadline = [], time.monotonic() + 60
+    chunks, deadline = [], time.monotonic() + _CHILD_DEADLINE
     try:
         while True:
             ready, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
