@@ -81,6 +81,12 @@ class Policy:
         self._probing = False  # a request is measuring SQLite while no estimate exists
         self._counts = {"build_waits": 0, "backoffs": 0}  # requests that waited and got a view; backoffs begun
 
+    def new_lock(self):
+        """A new lock and no probe under way (a child of a fork: the parent's thread that held the lock,
+        or that was measuring SQLite, is not there). The estimates and the backoff state carry over."""
+        self._lock = threading.Lock()
+        self._probing = False
+
     def note_fallback(self, seconds):
         """Record one answer from SQLite that took `seconds` of wall time."""
         with self._lock:

@@ -263,9 +263,11 @@ class EnhancedAuditLogService:
                 self._stale = None  # a stale view is looked at again too, through the live probe
 
     def _after_fork_in_child(self):
-        """Only the forking thread exists in the child: new locks, and no background build running."""
+        """Only the forking thread exists in the child: new locks (the policy's too), and no background
+        build running."""
         self._lock = threading.Lock()
         self._init_lock = threading.Lock()
         self._built = threading.Condition(threading.Lock())
         self._rebuilder.thread = None
+        self._rebuilder.policy.new_lock()
         self._payload.new_lock()

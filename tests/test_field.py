@@ -444,6 +444,34 @@ class ForkMidWork(unittest.TestCase):
                 self.assertGreater(got["background_rebuilds"], 0)
                 self.assertEqual(mismatches(data, service), [])
 
+    def test_fork_while_the_policy_lock_is_held(self):
+        """A thread of the master holds the stale-view policy's lock when the master forks (on a
+        free-threaded build a request thread does so often): the child's first stale request, which
+        records the commit it saw under that lock, answers instead of waiting for a thread that is gone."""
+        with DataCopy(rows=300) as data, quiet():
+            with enhanced.EnhancedAuditLogService(data.db, data.payloads) as service:
+                policy = service._rebuilder.policy
+                held, release = threading.Event(), threading.Event()
+
+                def hold():
+                    with policy._lock:
+                        held.set()
+                        release.wait(30)
+                holder = threading.Thread(target=hold)
+                holder.start()
+                self.assertTrue(held.wait(10))
+
+                def worker(child):
+                    new = append_events(data.db, data.payloads, [(10 ** 10, 1, "UPDATE")])[0]
+                    return {"first": ids(service.execute(ALL))[0], "new": new, "mismatches": mismatches(data, service)}
+                try:
+                    got = Forked(worker, timeout=15).result()
+                finally:
+                    release.set()
+                    holder.join()
+                self.assertEqual(got["first"], got["new"])
+                self.assertEqual(got["mismatches"], [])
+
     def test_fork_during_a_lazy_init(self):
         """A request thread is building the view when the master forks: the child answers and closes."""
         from enhanced_audit import build as build_module
