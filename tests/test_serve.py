@@ -142,8 +142,9 @@ class Serve(unittest.TestCase):
 
     def test_serve_answers_on_a_real_socket_and_stops_cleanly(self):
         baseline.init()
-        proc = subprocess.Popen([sys.executable, "enhanced_audit_log_service.py", "serve", "--port", "0"], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # -X faulthandler: a server that does not stop is sent SIGABRT, and its threads' stacks are the failure
+        proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "enhanced_audit_log_service.py", "serve",
+                                 "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         watchdog = threading.Timer(300, proc.kill)
         watchdog.start()
         try:
@@ -160,7 +161,13 @@ class Serve(unittest.TestCase):
                 self.assertEqual(body, json.dumps(baseline_answer(q)[1]).encode())
             conn.close()
             proc.send_signal(signal.SIGINT if os.name == "posix" else signal.CTRL_C_EVENT)
-            out, err = proc.communicate(timeout=60)
+            try:
+                out, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                if os.name == "posix":
+                    proc.send_signal(signal.SIGABRT)
+                out, err = proc.communicate(timeout=30)
+                self.fail(f"the server did not stop within 60 s of SIGINT; stdout {out!r}; stderr:\n{err[-6000:]}")
             self.assertEqual(proc.returncode, 0, err)
             self.assertEqual(out.strip(), "stopped")
         finally:
