@@ -212,12 +212,4 @@ def _serve(args):
 
 
 if __name__ == "__main__":
-    code = main()
-    if sys.argv[1:2] == ["serve"]:
-        # The server's process ends here once the service is closed and its output flushed. Connection
-        # threads (daemon) may still be alive, and an interpreter finalizing beside live daemon threads
-        # is where exits were seen to hang (README, known limits); this process has nothing left to run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    sys.exit(main())

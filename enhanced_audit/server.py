@@ -156,7 +156,9 @@ def serve(app, host="127.0.0.1", port=8080, announce=None):
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    saved = signal.signal(signal.SIGTERM, interrupt)
+    # both set here: a process started with SIGINT ignored (a background job of a non-interactive
+    # shell inherits that) would otherwise not stop on Ctrl-C
+    saved = signal.signal(signal.SIGTERM, interrupt), signal.signal(signal.SIGINT, interrupt)
     try:
         if announce is not None:
             announce(server)
@@ -165,5 +167,6 @@ def serve(app, host="127.0.0.1", port=8080, announce=None):
         except KeyboardInterrupt:
             pass  # the way to stop
     finally:
-        signal.signal(signal.SIGTERM, saved)
+        signal.signal(signal.SIGTERM, saved[0])
+        signal.signal(signal.SIGINT, saved[1])
         server.server_close()
