@@ -614,6 +614,9 @@ class CtrlC(unittest.TestCase):
             self.assertEqual(report["mismatches"], [], report)
 
 
+_EXIT_HANG_IN_INTERPRETER = sys.version_info < (3, 10)  # CPython gh-96387: tests/interpreter_exit_hang.py
+
+
 class InterpreterExit(unittest.TestCase):
     def test_exit_with_request_threads_alive(self):
         """Interpreters that exit while their request threads and a writer thread still run: none
@@ -632,8 +635,24 @@ class InterpreterExit(unittest.TestCase):
                 return seed, p.returncode, p.stderr[-1500:]
             with ThreadPoolExecutor(2) as pool:
                 results = list(pool.map(one, range(runs)))
-        bad = [r for r in results if r[1] != 0]
+        bad = [r for r in results if r[1] != 0 and not (r[1] == "hung" and _EXIT_HANG_IN_INTERPRETER)]
         self.assertEqual(bad, [], f"{len(bad)} of {runs} exits failed (negative: killed by that signal)")
+
+    def test_the_interpreters_own_exit_hang(self):
+        """tests/interpreter_exit_hang.py imports nothing of this project: CPython 3.9 hangs at its exit
+        (gh-96387, fixed from 3.10), later versions exit. On 3.9, and only there, the scenario above
+        tolerates a hung exit for this reason."""
+        script = os.path.join(ROOT, "tests", "interpreter_exit_hang.py")
+        if not _EXIT_HANG_IN_INTERPRETER:
+            proc = subprocess.run([sys.executable, script], capture_output=True, timeout=120)
+            self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+            return
+        for _ in range(3):  # a loaded machine may let a daemon thread take the GIL in time, and exit
+            try:
+                subprocess.run([sys.executable, script], capture_output=True, timeout=6)
+            except subprocess.TimeoutExpired:
+                return  # hung, as gh-96387 says: the known limit holds
+        self.fail("the reproducer exited three times on 3.9: the known limit no longer holds")
 
 
 @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "needs /proc/self/fd")
