@@ -34,7 +34,8 @@ SLOW_MS = 5.0
 
 
 class _TimedLock:
-    """The service's lock, with each acquisition that found it held and its wait recorded."""
+    """The service's lock, with each acquisition that found it held and its wait recorded. Only `with`
+    is provided: the service takes its lock no other way."""
 
     def __init__(self, inner):
         self.inner, self.waits, self.at_once = inner, [], 0
@@ -50,15 +51,6 @@ class _TimedLock:
 
     def __exit__(self, *exc):
         self.inner.release()
-
-    def acquire(self, *args, **kwargs):
-        return self.inner.acquire(*args, **kwargs)
-
-    def release(self):
-        self.inner.release()
-
-    def locked(self):
-        return self.inner.locked()
 
 
 def run(size, mode, variant, seconds, no_gc, lock_waits=False):
